@@ -1,0 +1,80 @@
+"""Atomic publish: a fragment becomes visible whole or not at all.
+
+Bytes go to a unique temporary name in the destination directory, are fsynced, then linked to
+the final name. ``link`` fails if the name exists, so the first writer wins and a published file
+is never replaced underneath a reader; where a filesystem has no hard links, ``rename`` is used
+(the contents are identical for identical keys). The directory is fsynced so the name survives a
+crash. A writer killed at any point leaves at most a temporary file, which readers never open and
+``vua verify --fix`` or gc removes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from pathlib import Path
+from typing import Callable
+
+from .errors import StoreWriteError
+from .layout import TEMP_MARK
+
+__all__ = ["publish_file", "DEFAULT_FILE_MODE", "DEFAULT_DIR_MODE"]
+
+DEFAULT_FILE_MODE = 0o640
+DEFAULT_DIR_MODE = 0o750
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_file(
+    final: Path,
+    write: Callable[[int], None],
+    *,
+    file_mode: int = DEFAULT_FILE_MODE,
+    dir_mode: int = DEFAULT_DIR_MODE,
+    durable: bool = True,
+) -> bool:
+    """Create ``final`` with the bytes ``write(fd)`` puts in a fresh file.
+
+    Returns False when another writer published ``final`` first. Raises :class:`StoreWriteError`
+    (with the original ``errno``) on any filesystem fault, leaving nothing behind.
+    """
+    tmp = final.parent / f".{final.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        final.parent.mkdir(mode=dir_mode, parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode)
+        try:
+            os.fchmod(fd, file_mode)
+            write(fd)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, final)
+            created = True
+        except FileExistsError:
+            created = False
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            os.replace(tmp, final)
+            created = True
+        if created and durable:
+            _fsync_dir(final.parent)
+        return created
+    except OSError as exc:
+        raise StoreWriteError(exc.errno, f"cannot store {final.name}: {exc.strerror or exc}", str(final)) from exc
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
