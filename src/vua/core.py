@@ -137,7 +137,7 @@ class VUA:
                 segments = [raw[row, h, begin:end] for h in range(heads)]
                 tensors.append(TensorSource(name, dtype_name(tensor.dtype), (heads, end - begin, head_dim), segments))
         path = self.store.layout.fragment_path(digest, SHARD)
-        self.store.write(path, digest, row_tokens[begin:end], tensors)
+        self.store.write(path, digest, row_tokens[begin:end], tensors, start=begin)
 
     # ---- get ----
 

@@ -23,6 +23,7 @@ __all__ = ["TOKENS_TENSOR", "checksum", "fragment_metadata", "check_header", "ch
 TOKENS_TENSOR = "tokens"
 _FORMAT = "vua_format"
 _KEY = "vua_key"
+_START = "vua_start"
 _TOKENS = "vua_tokens"
 _CHECKSUMS = "vua_checksums"
 
@@ -36,11 +37,18 @@ def checksum(buffers: Iterable[Any]) -> str:
 
 
 def fragment_metadata(
-    key: bytes, token_count: int, checksums: Sequence[str], extra: Mapping[str, str] | None = None
+    key: bytes, start: int, token_count: int, checksums: Sequence[str], extra: Mapping[str, str] | None = None
 ) -> dict[str, str]:
+    """``start`` is the position of the fragment's first token in its sequence (gc evicts deep fragments first)."""
     metadata = dict(extra or {})
     metadata.update(
-        {_FORMAT: str(FORMAT_VERSION), _KEY: key.hex(), _TOKENS: str(token_count), _CHECKSUMS: ",".join(checksums)}
+        {
+            _FORMAT: str(FORMAT_VERSION),
+            _KEY: key.hex(),
+            _START: str(start),
+            _TOKENS: str(token_count),
+            _CHECKSUMS: ",".join(checksums),
+        }
     )
     return metadata
 

@@ -143,9 +143,13 @@ class FragmentStore:
         key: bytes,
         tokens: np.ndarray,
         tensors: Sequence[TensorSource],
+        *,
+        start: int,
         metadata: dict[str, str] | None = None,
     ) -> bool:
         """Store a fragment at ``path`` unless one is there. True if this call published it.
+
+        ``tokens`` are the fragment's own token ids, ``start`` the position of the first of them.
 
         Raises :class:`StoreWriteError` when the filesystem refuses (full, read-only, permissions, EIO).
         """
@@ -157,7 +161,7 @@ class FragmentStore:
         sums = [checksum(s.segments) for s in sources]
         header, entries = encode_header(
             [(s.name, s.dtype, s.shape) for s in sources],
-            fragment_metadata(key, len(token_bytes), sums, metadata),
+            fragment_metadata(key, start, len(token_bytes), sums, metadata),
             alignment=DATA_ALIGNMENT,
         )
         for source, entry in zip(sources, entries):
