@@ -173,7 +173,9 @@ class VUA:
             return None
         count = found * self.split_factor
         data = [(k[:, :, :count].to(device), v[:, :, :count].to(device)) for k, v in outputs]
-        return ClosestKV(self.config.trim_to_split_factor(tokens)[..., :count], data)
+        trimmed = self.config.trim_to_split_factor(tokens)
+        # Same type and leading dims as the query: a tensor/array slices its last dim, a list slices itself.
+        return ClosestKV(trimmed[..., :count] if hasattr(trimmed, "shape") else trimmed[:count], data)
 
     def _open_prefix(self, digests: list[bytes]) -> list[Fragment]:
         """Open the leading run of stored fragments (in parallel); the rest are closed."""

@@ -64,7 +64,10 @@ def check_header(header: Header, key: bytes) -> None:
     if len(sums) != len(header.entries):
         raise CorruptFragmentError(f"{len(sums)} checksums for {len(header.entries)} tensors")
     tokens = header.entry(TOKENS_TENSOR)
-    if tokens.dtype != "I64" or tokens.shape != (int(meta.get(_TOKENS, -1)),):
+    count = meta.get(_TOKENS, "")
+    if not (count.isascii() and count.isdigit() and len(count) < 20):
+        raise CorruptFragmentError(f"token count {count!r} is not a non-negative integer"[:200])
+    if tokens.dtype != "I64" or tokens.shape != (int(count),):
         raise CorruptFragmentError(f"tokens tensor {tokens.dtype}{list(tokens.shape)} disagrees with the metadata")
 
 

@@ -19,7 +19,7 @@ from typing import Callable
 from .errors import StoreWriteError
 from .layout import TEMP_MARK
 
-__all__ = ["publish_file", "DEFAULT_FILE_MODE", "DEFAULT_DIR_MODE"]
+__all__ = ["publish_file", "make_dirs", "DEFAULT_FILE_MODE", "DEFAULT_DIR_MODE"]
 
 DEFAULT_FILE_MODE = 0o640
 DEFAULT_DIR_MODE = 0o750
@@ -32,6 +32,40 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(directory: Path, mode: int) -> None:
+    """Create ``directory`` and its missing parents, each with exactly ``mode``.
+
+    ``Path.mkdir(parents=True)`` would give the parents the umask's default mode, and ``mkdir``'s
+    own mode is filtered by the umask; a store shared by a group needs the configured mode on
+    every level. The common case (it exists) costs one ``mkdir`` call, as before.
+    """
+    try:
+        os.mkdir(directory, mode)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        make_dirs(directory.parent, mode)
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            return
+    os.chmod(directory, mode)
+
+
+def _create_temp(tmp: Path, file_mode: int, dir_mode: int) -> int:
+    """Create ``tmp`` (and its directories); retried once because gc may remove an empty directory
+    between our mkdir and our create (it only ever removes empty ones, so a second try wins)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for attempt in (1, 2):
+        make_dirs(tmp.parent, dir_mode)
+        try:
+            return os.open(tmp, flags, file_mode)
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def publish_file(
@@ -49,8 +83,7 @@ def publish_file(
     """
     tmp = final.parent / f".{final.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        final.parent.mkdir(mode=dir_mode, parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode)
+        fd = _create_temp(tmp, file_mode, dir_mode)
         try:
             os.fchmod(fd, file_mode)
             write(fd)

@@ -177,8 +177,10 @@ def decode_header(prefix: bytes | memoryview, file_size: int) -> Header:
     raw = bytes(prefix[8 : 8 + length])
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FragmentFormatError(f"header is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON and integers past Python's digit limit;
+        # RecursionError, hostile nesting such as "[[[[...".
+        raise FragmentFormatError(f"header is not valid JSON: {exc}"[:300]) from None
     if not isinstance(doc, dict):
         raise FragmentFormatError("header JSON is not an object")
     metadata = doc.pop("__metadata__", None) or {}

@@ -20,7 +20,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -28,16 +28,34 @@ from .backends import IOBackend, OpenFile, ShortReadError, open_backend
 from .errors import CorruptFragmentError, FragmentFormatError, StoreWriteError
 from .integrity import TOKENS_TENSOR, check_header, check_tensor, check_tokens, checksum, fragment_metadata
 from .keys import Namespace
-from .layout import StoreLayout, check_root
+from .layout import STORE_DIR, StoreLayout, check_root
 from .publish import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, publish_file
 from .serdes import Header, TensorEntry, decode_header, decode_header_length, encode_header
 
-__all__ = ["TensorSource", "Fragment", "FragmentStore", "DATA_ALIGNMENT"]
+__all__ = ["TensorSource", "Fragment", "FragmentStore", "DATA_ALIGNMENT", "HitHook", "read_header"]
 
 logger = logging.getLogger(__name__)
 
 DATA_ALIGNMENT = 4096
 _FIRST_READ = 16384
+
+# Called with the open descriptor and its fstat after a fragment's header verified (a hit), so
+# that eviction can record recent use without another metadata round trip; must not raise.
+HitHook = Callable[[int, os.stat_result], None]
+
+
+def read_header(fd: int, size: int) -> Header:
+    """Read and decode the header of the open file ``fd`` of ``size`` bytes (one read when it is small)."""
+    head = os.pread(fd, _FIRST_READ, 0)
+    length = decode_header_length(head, size)
+    if len(head) < 8 + length:
+        head += os.pread(fd, 8 + length - len(head), len(head))
+    return decode_header(head, size)
+
+
+# Bytes per vectored read or write: small enough to still be in the CPU cache when checksummed.
+_IO_BATCH_BYTES = 1 << 20
+_PLACEHOLDER_SUM = "0" * 16
 
 
 @dataclass(frozen=True)
@@ -84,6 +102,8 @@ class FragmentStore:
         backend: ``"auto"``, ``"posix"``, ``"gds"`` or an :class:`IOBackend`.
         file_mode / dir_mode: permissions of what the store creates (default: owner and group).
         durable: fsync each fragment and its directory before it becomes visible.
+        on_hit: called after each verified open (see :data:`HitHook`), e.g.
+            :class:`vua.eviction.RecencyTouch` so that gc evicts least-recently-used fragments.
     """
 
     def __init__(
@@ -95,6 +115,7 @@ class FragmentStore:
         file_mode: int = DEFAULT_FILE_MODE,
         dir_mode: int = DEFAULT_DIR_MODE,
         durable: bool = True,
+        on_hit: HitHook | None = None,
     ) -> None:
         self.namespace = namespace
         self.layout = StoreLayout(check_root(root), namespace.name)
@@ -102,6 +123,8 @@ class FragmentStore:
         self.file_mode = file_mode
         self.dir_mode = dir_mode
         self.durable = durable
+        self.on_hit = on_hit
+        self._store_prefix = f"{self.layout.root / STORE_DIR}{os.sep}"
         self._described = False
 
     # ---- lookups: one metadata operation each, never an exception ----
@@ -158,20 +181,38 @@ class FragmentStore:
         self._describe_namespace()
         token_bytes = np.ascontiguousarray(tokens, dtype="<i8")
         sources = [TensorSource(TOKENS_TENSOR, "I64", (len(token_bytes),), [token_bytes]), *tensors]
-        sums = [checksum(s.segments) for s in sources]
-        header, entries = encode_header(
-            [(s.name, s.dtype, s.shape) for s in sources],
-            fragment_metadata(key, start, len(token_bytes), sums, metadata),
-            alignment=DATA_ALIGNMENT,
-        )
+        specs = [(s.name, s.dtype, s.shape) for s in sources]
+
+        def encode(sums: Sequence[str]) -> tuple[bytes, tuple[TensorEntry, ...]]:
+            return encode_header(
+                specs, fragment_metadata(key, start, len(token_bytes), sums, metadata), alignment=DATA_ALIGNMENT
+            )
+
+        # Checksums are fixed-width hex, so a header with placeholders has the final header's length
+        # and the data can be written (and checksummed) before the header that records the sums.
+        placeholder, entries = encode([_PLACEHOLDER_SUM] * len(sources))
+        header_size = len(placeholder)
         for source, entry in zip(sources, entries):
             given = sum(memoryview(b).nbytes for b in source.segments)
             if given != entry.nbytes:
                 raise ValueError(f"tensor {source.name!r}: {given} bytes given for {entry.nbytes} declared")
-        buffers = [header, *(b for s in sources for b in s.segments)]
+
+        def write_fragment(fd: int) -> None:
+            # One pass over the caller's memory: each batch is checksummed, then written while it
+            # is still in the CPU cache; the header goes last, at offset 0 of the temporary file.
+            sums: list[str] = []
+            for batch in _io_batches(list(zip(entries, (s.segments for s in sources)))):
+                sums.extend(checksum(segments) for _, segments in batch)
+                buffers = [b for _, segments in batch for b in segments]
+                self.backend.write_from(fd, header_size + batch[0][0].begin, buffers)
+            header = encode(sums)[0]
+            if len(header) != header_size:
+                raise AssertionError("fragment header changed length between encodings")
+            self.backend.write_from(fd, 0, [header])
+
         return publish_file(
             path,
-            lambda fd: self.backend.write_from(fd, 0, buffers),
+            write_fragment,
             file_mode=self.file_mode,
             dir_mode=self.dir_mode,
             durable=self.durable,
@@ -202,15 +243,18 @@ class FragmentStore:
         except OSError as exc:
             self._fault(path, exc, discard=exc.errno == errno.ELOOP)
             return None
+        if not self._inside_store(fd):
+            os.close(fd)
+            # Not discarded: unlinking through the planted directory link would act outside the root.
+            self._fault(path, OSError(errno.ELOOP, "a directory on the path is a link out of the store"), discard=False)
+            return None
         try:
-            size = os.fstat(fd).st_size
-            head = os.pread(fd, _FIRST_READ, 0)
-            length = decode_header_length(head, size)
-            if len(head) < 8 + length:
-                head += os.pread(fd, 8 + length - len(head), len(head))
-            header = decode_header(head, size)
+            info = os.fstat(fd)
+            header = read_header(fd, info.st_size)
             check_header(header, key)
-            return Fragment(path, OpenFile(fd, path, size), header)
+            if self.on_hit is not None:
+                self.on_hit(fd, info)
+            return Fragment(path, OpenFile(fd, path, info.st_size), header)
         except (FragmentFormatError, OSError) as exc:
             os.close(fd)
             self._fault(path, exc, discard=isinstance(exc, FragmentFormatError))
@@ -240,18 +284,31 @@ class FragmentStore:
                     raise FragmentFormatError(f"tensor {name!r} holds {entry.nbytes} bytes, {given} expected")
                 requests.append((entry, buffers))
             requests.sort(key=lambda r: r[0].begin)
-            for run in _adjacent_runs(requests):
-                offset = header.data_start + run[0][0].begin
-                self.backend.read_into(fragment.file, offset, [b for _, buffers in run for b in buffers])
-            if tokens is not None:
-                check_tokens(stored, tokens)
-            for entry, buffers in requests:
-                if all(_is_host(b) for b in buffers):
-                    check_tensor(header, entry.name, buffers)
+            # Verify each batch right after reading it, while its bytes are still in the CPU cache:
+            # hashing from cache is several times cheaper than a second pass over memory, and a
+            # token mismatch (the stored ids come first) stops the read before the KV is moved.
+            for batch in _io_batches(requests):
+                offset = header.data_start + batch[0][0].begin
+                self.backend.read_into(fragment.file, offset, [b for _, buffers in batch for b in buffers])
+                for entry, buffers in batch:
+                    if tokens is not None and entry.name == TOKENS_TENSOR:
+                        check_tokens(stored, tokens)
+                    if all(_is_host(b) for b in buffers):
+                        check_tensor(header, entry.name, buffers)
             return True
         except (FragmentFormatError, OSError) as exc:
             self._fault(fragment.path, exc, discard=isinstance(exc, (CorruptFragmentError, ShortReadError)))
             return False
+
+    def _inside_store(self, fd: int) -> bool:
+        """Whether the open file really lies under the store directory (O_NOFOLLOW guards only the
+        last path component; a planted directory link could lead anywhere). One readlink of procfs,
+        no filesystem round trip; where procfs is missing the check is skipped."""
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return True
+        return real.startswith(self._store_prefix)
 
     def _fault(self, path: Path, exc: BaseException, *, discard: bool) -> None:
         logger.warning("VUA: treating %s as a miss: %s", path, exc)
@@ -272,12 +329,20 @@ def _nbytes(buffer: Any) -> int:
     return memoryview(buffer).nbytes
 
 
-def _adjacent_runs(requests: list[tuple[TensorEntry, Sequence[Any]]]) -> list[list[tuple[TensorEntry, Sequence[Any]]]]:
-    """Group sorted requests into runs of tensors that follow each other in the file (one vectored read each)."""
-    runs: list[list[tuple[TensorEntry, Sequence[Any]]]] = []
+def _io_batches(requests: list[tuple[TensorEntry, Sequence[Any]]]) -> list[list[tuple[TensorEntry, Sequence[Any]]]]:
+    """Group sorted requests into batches of adjacent tensors, one vectored read or write each.
+
+    A batch grows while the tensors follow each other in the file and stay under
+    ``_IO_BATCH_BYTES`` (a tensor larger than that is a batch of its own).
+    """
+    batches: list[list[tuple[TensorEntry, Sequence[Any]]]] = []
+    size = 0
     for request in requests:
-        if runs and runs[-1][-1][0].end == request[0].begin:
-            runs[-1].append(request)
+        entry = request[0]
+        if batches and batches[-1][-1][0].end == entry.begin and size + entry.nbytes <= _IO_BATCH_BYTES:
+            batches[-1].append(request)
+            size += entry.nbytes
         else:
-            runs.append([request])
-    return runs
+            batches.append([request])
+            size = entry.nbytes
+    return batches

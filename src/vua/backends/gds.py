@@ -7,10 +7,11 @@ Writes go through POSIX (the data is already in host memory when it is written).
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any, Sequence
 
-from .base import OpenFile
+from .base import OpenFile, ShortReadError
 from .posix import PosixBackend
 
 __all__ = ["GdsBackend", "gds_unavailable_reason"]
@@ -62,14 +63,21 @@ class GdsBackend(PosixBackend):
     def read_into(self, file: OpenFile, offset: int, buffers: Sequence[Any]) -> None:
         if not any(self._is_device(b) for b in buffers):
             return super().read_into(file, offset, buffers)
-        with self._kvikio.CuFile(os.fspath(file.path), "r") as handle:
-            futures = []
-            for buffer in buffers:
-                size = buffer.numel() * buffer.element_size() if self._is_device(buffer) else memoryview(buffer).nbytes
-                if size:
-                    futures.append((handle.pread(buffer, size, offset), size))
-                offset += size
-            for future, size in futures:
-                got = future.get()
-                if got != size:
-                    raise OSError(f"kvikio read {got} of {size} bytes from {file.path}")
+        sizes = [b.numel() * b.element_size() if self._is_device(b) else memoryview(b).nbytes for b in buffers]
+        # kvikio raises RuntimeError past the end of a file; the contract wants ShortReadError (an OSError).
+        available = os.fstat(file.fd).st_size
+        if offset + sum(sizes) > available:
+            raise ShortReadError(f"file ended at byte {available} with {offset + sum(sizes) - available} bytes still expected")
+        try:
+            with self._kvikio.CuFile(os.fspath(file.path), "r") as handle:
+                futures = []
+                for buffer, size in zip(buffers, sizes):
+                    if size:
+                        futures.append((handle.pread(buffer, size, offset), size))
+                    offset += size
+                for future, size in futures:
+                    got = future.get()
+                    if got != size:
+                        raise ShortReadError(f"kvikio read {got} of {size} bytes from {file.path}")
+        except RuntimeError as exc:
+            raise OSError(errno.EIO, f"kvikio read from {file.path} failed: {exc}") from exc
