@@ -1,0 +1,84 @@
+"""``make demo`` (quick mode: tiny model, short prompt) and the pieces of ``vua bench`` that need no engine."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vua import bench
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.vllm
+def test_quick_demo_reuses_stored_tokens_with_identical_outputs() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "vua.demo"],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "VUA_DEMO_QUICK": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "outputs identical: yes (8 generated tokens" in out
+    rows = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(vLLM.*?)\s+\d+ ms\s+[\d.]+x\s+(\d+)", out, re.MULTILINE)}
+    assert rows == {
+        "vLLM, no connector (recompute)": 0,
+        "vLLM + VUA, cold store (save)": 0,
+        # 512-token prompt, 128-token KV blocks: all blocks before the last prompt token.
+        "vLLM + VUA, warm store (load)": 384,
+    }, out
+    # Progress is shown while it runs, and the temporary store is gone afterwards.
+    assert "engine ready in" in out
+    store = re.search(r"store (\S+)", out).group(1)
+    assert not Path(store).exists()
+
+
+def _result(ttft: dict[str, list[float]], cached: int, outputs: dict[str, list[list[int]]], stats: list[dict] | None = None) -> dict:
+    """An engine-runner result for one length (1024) in the shape ``_engine_runner`` writes."""
+    phases = {}
+    for phase in ("cold", "warm"):
+        phases[f"{phase}-1024"] = [
+            {
+                "ttft_s": seconds,
+                "seconds": seconds,
+                "cached_tokens": cached if phase == "warm" else 0,
+                "prompt_tokens": 1024,
+                "output_ids": outputs[phase][index],
+                "connector_stats": (stats or []) if phase == "warm" else [],
+            }
+            for index, seconds in enumerate(ttft[phase])
+        ]
+    return {"startup_s": 1.0, "phases": phases}
+
+
+def test_bench_cells_table_and_goals() -> None:
+    same = {"cold": [[1, 2], [3, 4], [5, 6]], "warm": [[1, 2], [3, 4], [5, 6]]}
+    recompute = bench._system_cell("recompute", 1024, _result({"cold": [1.0, 1.2, 0.8], "warm": [1.0, 1.0, 1.0]}, 0, same), None)
+    baseline = [[1, 2], [3, 4], [5, 6]]
+    stats = [{"loaded_bytes": 1e8, "load_seconds": 0.05}, {"not": "a VUA stat"}]
+    vua = bench._system_cell("vua", 1024, _result({"cold": [1.05, 1.0, 1.1], "warm": [0.05, 0.06, 0.04]}, 896, same, stats), baseline)
+    wrong = {"cold": same["cold"], "warm": [[1, 2], [3, 9], [5, 6]]}
+    example = bench._system_cell("example", 1024, _result({"cold": [1.0] * 3, "warm": [0.1] * 3}, 896, wrong), baseline)
+
+    assert (recompute.cold_ttft_s, recompute.reused_tokens, recompute.identical) == (1.0, 0, True)
+    assert (vua.cold_ttft_s, vua.warm_ttft_s, vua.reused_tokens, vua.identical) == (1.05, 0.05, 896, True)
+    assert vua.load_gb_s == pytest.approx(3 * 1e8 / (3 * 0.05) / 1e9)
+    assert example.identical is False and example.load_gb_s is None
+
+    table = bench._markdown([recompute, example, vua], [1024])
+    assert "| 1024 | VUA | 1050 ms | 50 ms | 0.05x | 1.05x | 896 | 2.00 | yes |" in table
+    assert "| 1024 | vLLM ExampleConnector | 1000 ms | 100 ms | 0.10x | 1.00x | 896 | - | NO |" in table
+    (goals,) = bench._goals([recompute, example, vua], [1024])
+    assert goals == (
+        "1024 tokens: warm 0.50x best alternative (goal <= 0.90x) ok; warm 0.05x recompute (goal <= 0.10x) ok; "
+        "cold 1.05x recompute (goal <= 1.10x) ok; outputs identical ok"
+    )
+
+
+def test_bench_rejects_unknown_systems(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--systems", "recompute,lmcache", "--out", "unused"]) == 2
+    assert "unknown systems ['lmcache']" in capsys.readouterr().err
