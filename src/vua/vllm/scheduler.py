@@ -1,0 +1,212 @@
+"""The scheduler half: from token ids, decide which stored fragments to load and which computed chunks to save.
+
+It touches the store only for lookups (one stat per chunk, one listing for a tail) and never
+holds a tensor. See :mod:`vua.vllm.metadata` for how fragments are named.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from ..keys import as_token_array, chained_digests
+from ..store import FragmentStore
+from ._compat import allocated_block_ids, prompt_if_cacheable, scheduled_requests
+from .metadata import SCRATCH, FragmentRef, LoadJob, SaveJob, StoreIdentity, VUAConnectorMetadata
+from .settings import ConnectorSettings, RuntimeSwitches
+from .stats import VUAConnectorStats
+
+__all__ = ["SchedulerSide", "PromptKeys", "find_stored_prefix"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptKeys:
+    """A prompt's token ids and the chained digest of each of its full KV blocks."""
+
+    tokens: np.ndarray
+    digests: list[bytes]
+    seed: bytes
+
+
+def prompt_keys(tokens: Any, block_size: int, seed: bytes, salt: str = "") -> PromptKeys:
+    if salt:  # a per-tenant cache salt keeps that tenant's prefixes apart
+        seed = xxhash.xxh3_128_digest(seed + salt.encode())
+    array = as_token_array(tokens)
+    return PromptKeys(array, chained_digests(array, block_size, seed), seed)
+
+
+def find_stored_prefix(
+    store: FragmentStore, keys: PromptKeys, block_size: int, blocks_per_chunk: int, shards: list[str]
+) -> list[FragmentRef]:
+    """The fragments of the longest stored prefix: full chunks until the first miss, then the longest tail.
+
+    One stat (or listing, for several shards) per full chunk and one listing for the tail.
+    """
+    cb = blocks_per_chunk
+    chunk_tokens = cb * block_size
+    n_blocks = len(keys.digests)
+    found: list[FragmentRef] = []
+    chunk = 0
+    while (chunk + 1) * cb <= n_blocks and store.has_shards(keys.digests[(chunk + 1) * cb - 1], shards):
+        start = chunk * chunk_tokens
+        found.append(FragmentRef(keys.digests[(chunk + 1) * cb - 1], None, start, cb, keys.tokens[start : start + chunk_tokens]))
+        chunk += 1
+    longest_tail = min(n_blocks - chunk * cb, cb - 1)
+    if longest_tail > 0:
+        anchor = keys.digests[chunk * cb - 1] if chunk else keys.seed
+        stored = store.tails(anchor)
+        for k in range(longest_tail, 0, -1):
+            digest = keys.digests[chunk * cb + k - 1]
+            if set(shards) <= stored.get(digest.hex(), set()):
+                start = chunk * chunk_tokens
+                found.append(FragmentRef(digest, anchor, start, k, keys.tokens[start : start + k * block_size]))
+                break
+    return found
+
+
+@dataclass
+class _Request:
+    keys: PromptKeys
+    block_ids: list[int] = field(default_factory=list)
+    next_chunk: int = 0  # chunks before it are stored or already handed to the worker
+    stored_chunks: int = 0  # full chunks known to be stored (found by the last lookup)
+    tail_stored: bool = False
+    tail_done: bool = False
+    claim: list[FragmentRef] = field(default_factory=list)  # the last lookup's result
+    claimed_from: int = 0  # the local hit that lookup was asked about
+    hit_tokens: int = 0
+    saves: int = 0
+
+
+class SchedulerSide:
+    def __init__(self, settings: ConnectorSettings, identity: StoreIdentity, store: FragmentStore) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.store = store
+        self.switches = RuntimeSwitches(settings.root)
+        self.shards = identity.shards()
+        self.block_size = identity.block_size
+        self.cb = settings.blocks_per_chunk
+        self._requests: dict[str, _Request] = {}
+        self._loads: list[LoadJob] = []
+        self._stats = VUAConnectorStats()
+
+    def _tracked(self, request: Any) -> _Request | None:
+        tracked = self._requests.get(request.request_id)
+        if tracked is None:
+            cacheable = prompt_if_cacheable(request)
+            if cacheable is None:
+                return None
+            tokens, salt = cacheable
+            keys = prompt_keys(tokens, self.block_size, self.store.namespace.seed, salt)
+            tracked = self._requests[request.request_id] = _Request(keys)
+        return tracked
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        """Stored tokens beyond ``num_computed_tokens``: block-aligned, below the prompt length, fully persisted."""
+        tracked = self._tracked(request)
+        if tracked is None or not self.switches.get_enabled:
+            return 0, False
+        found = find_stored_prefix(self.store, tracked.keys, self.block_size, self.cb, self.shards)
+        tracked.claim, tracked.claimed_from = found, num_computed_tokens
+        tracked.stored_chunks = sum(1 for f in found if f.anchor is None)
+        stored_tokens = sum(f.n_blocks for f in found) * self.block_size
+        # At least one prompt token is always computed: vLLM needs its logits.
+        cap = (len(tracked.keys.tokens) - 1) // self.block_size * self.block_size
+        hit = min(stored_tokens, cap)
+        return max(0, hit - num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        tracked = self._requests.get(request.request_id)
+        if tracked is None:
+            return
+        prompt_len = len(tracked.keys.tokens)
+        self._stats.add(requests=1, prompt_tokens=prompt_len, hit_tokens=num_external_tokens)
+        if tracked.claim and tracked.claim[-1].anchor is not None:
+            tail = tracked.claim[-1]
+            tracked.tail_stored = tail.start + tail.n_blocks * self.block_size == len(tracked.keys.digests) * self.block_size
+        if num_external_tokens <= 0:
+            return
+        block_ids = allocated_block_ids(blocks)
+        begin, end = tracked.claimed_from, tracked.claimed_from + num_external_tokens
+        job = LoadJob(request.request_id, [], [])
+        for fragment in tracked.claim:
+            first_block = fragment.start // self.block_size
+            positions = range(first_block, first_block + fragment.n_blocks)
+            ids = [block_ids[b] if begin <= b * self.block_size < end else SCRATCH for b in positions]
+            if any(i != SCRATCH for i in ids):
+                job.fragments.append(fragment)
+                job.block_ids.append(ids)
+        self._loads.append(job)
+        tracked.hit_tokens = num_external_tokens
+        logger.debug(
+            "VUA: request %s: %d prompt tokens, %d computed locally, loading %d from %d fragment(s)",
+            request.request_id, prompt_len, begin, num_external_tokens, len(job.fragments),
+        )
+
+    def build_connector_meta(self, scheduler_output: Any) -> VUAConnectorMetadata:
+        meta = VUAConnectorMetadata(loads=self._loads)
+        self._loads = []
+        saving = self.switches.put_enabled
+        for step in scheduled_requests(scheduler_output):
+            tracked = self._requests.get(step.request_id)
+            if tracked is None:
+                continue
+            if step.replaces_blocks:
+                tracked.block_ids = list(step.block_ids or [])
+            elif step.block_ids:
+                tracked.block_ids.extend(step.block_ids)
+            if saving:
+                meta.saves.extend(self._due_saves(step.request_id, tracked, step.computed_before + step.scheduled))
+        return meta
+
+    def _due_saves(self, request_id: str, tracked: _Request, computed: int) -> list[SaveJob]:
+        """Chunks (and the tail) whose every token is in the KV cache once this step has run, not yet stored."""
+        keys, cb, block = tracked.keys, self.cb, self.block_size
+        n_blocks = len(keys.digests)
+        saves = []
+        while tracked.next_chunk < n_blocks // cb and (tracked.next_chunk + 1) * cb * block <= computed:
+            chunk = tracked.next_chunk
+            tracked.next_chunk += 1
+            digest = keys.digests[(chunk + 1) * cb - 1]
+            if chunk < tracked.stored_chunks or self.store.has_shards(digest, self.shards):
+                continue
+            start = chunk * cb * block
+            fragment = FragmentRef(digest, None, start, cb, keys.tokens[start : start + cb * block])
+            saves.append(SaveJob(request_id, fragment, tracked.block_ids[chunk * cb : (chunk + 1) * cb]))
+        tail_blocks = n_blocks % cb
+        if tail_blocks and not tracked.tail_done and tracked.next_chunk == n_blocks // cb and computed >= n_blocks * block:
+            tracked.tail_done = True
+            chunk = n_blocks // cb
+            anchor = keys.digests[chunk * cb - 1] if chunk else keys.seed
+            digest = keys.digests[-1]
+            if not tracked.tail_stored and not set(self.shards) <= self.store.tails(anchor).get(digest.hex(), set()):
+                start = chunk * cb * block
+                fragment = FragmentRef(digest, anchor, start, tail_blocks, keys.tokens[start : n_blocks * block])
+                saves.append(SaveJob(request_id, fragment, tracked.block_ids[chunk * cb : n_blocks]))
+        tracked.saves += len(saves)
+        return saves
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
+        tracked = self._requests.pop(request.request_id, None)
+        if tracked is not None:
+            logger.debug(
+                "VUA: request %s finished: %d prompt tokens, %d loaded, %d fragment(s) saved",
+                request.request_id, len(tracked.keys.tokens), tracked.hit_tokens, tracked.saves,
+            )
+        return False, None
+
+    def take_stats(self) -> VUAConnectorStats | None:
+        if self._stats.is_empty():
+            return None
+        stats, self._stats = self._stats, VUAConnectorStats()
+        return stats
+
+    def shutdown(self) -> None:
+        self._requests.clear()

@@ -1,0 +1,191 @@
+"""The connector's settings: ``kv_connector_extra_config`` parsed once into a frozen, validated dataclass.
+
+Every key, its default and why:
+
+``shared_storage_path`` (required)
+    The storage root, an existing directory (a shared filesystem mount, typically). It is never
+    created: a mount that is missing must fail start-up rather than fill the local disk.
+``chunk_size`` (default: ``--max-num-batched-tokens`` rounded down to the KV block size)
+    Tokens per stored fragment, a multiple of the KV block size. A chunk is saved as soon as all
+    its tokens are computed, so one prefill step fills whole chunks; bigger chunks mean fewer
+    files and larger I/Os, smaller chunks mean finer reuse between prompts that diverge.
+``use_gds`` (default ``"auto"``)
+    GPUDirect Storage reads through kvikio: ``auto`` uses it on CUDA when kvikio imports,
+    ``true`` requires it, ``false`` always uses POSIX reads.
+``io_threads`` (default 4)
+    Threads reading fragments (per layer) and writing saved chunks in the background.
+``max_staging_bytes`` (default ``"2G"``)
+    Host memory held by saves waiting for the disk. When a save would go over it, it is skipped
+    (and counted) rather than stalling the forward pass.
+``max_store_size`` (default: unlimited)
+    The size the store may grow to before background garbage collection evicts fragments.
+``layerwise_load`` (default true)
+    Each attention layer waits only for its own layer's reads, so loading overlaps the forward
+    pass. vLLM then runs attention outside CUDA graphs (piecewise graphs), since the wait must
+    run. False loads everything before the forward pass and leaves full CUDA graphs alone.
+``durable`` (default true)
+    fsync each fragment and its directory before it becomes visible (a crash never leaves a
+    claimed fragment half written). False trades that for write speed on scratch storage.
+
+At run time ``touch <root>/disable-get`` turns loads off and ``touch <root>/disable-put`` turns
+saves off, for every engine using that root; removing the file turns them back on. Each process
+checks at most about once a second.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from ..errors import ConfigError, StoreRootError
+from ..layout import check_root
+
+__all__ = ["ConnectorSettings", "RuntimeSwitches", "parse_byte_size", "parse_bool", "DISABLE_GET", "DISABLE_PUT"]
+
+DISABLE_GET = "disable-get"
+DISABLE_PUT = "disable-put"
+
+_KNOWN_KEYS = {
+    "shared_storage_path",
+    "chunk_size",
+    "use_gds",
+    "io_threads",
+    "max_staging_bytes",
+    "max_store_size",
+    "durable",
+    "layerwise_load",
+}
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_byte_size(value: Any, key: str) -> int:
+    """A byte count from an int or a string such as ``"200G"``, ``"1.5TiB"`` or ``"4096"`` (binary units)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be a byte size such as '200G', got {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE.match(value)):
+        size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    else:
+        raise ConfigError(f"{key} must be a byte size such as '200G' or an int, got {value!r}")
+    if size <= 0:
+        raise ConfigError(f"{key} must be positive, got {value!r}")
+    return size
+
+
+def parse_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def _parse_positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}") from None
+    if number <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    root: Path
+    block_size: int
+    chunk_size: int
+    use_gds: Literal["auto", "true", "false"] = "auto"
+    io_threads: int = 4
+    max_staging_bytes: int = 2 << 30
+    max_store_size: int | None = None
+    durable: bool = True
+    layerwise_load: bool = True
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        return self.chunk_size // self.block_size
+
+    @property
+    def backend(self) -> str:
+        """The :func:`vua.backends.open_backend` kind for ``use_gds``."""
+        return {"auto": "auto", "true": "gds", "false": "posix"}[self.use_gds]
+
+    @classmethod
+    def from_extra_config(
+        cls, extra: Mapping[str, Any] | None, *, block_size: int, max_num_batched_tokens: int
+    ) -> "ConnectorSettings":
+        """Validate ``kv_connector_extra_config``; raises :class:`ConfigError` or :class:`StoreRootError` naming the key."""
+        extra = dict(extra or {})
+        unknown = sorted(set(extra) - _KNOWN_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"unknown VUA kv_connector_extra_config key(s) {unknown}; known keys: {sorted(_KNOWN_KEYS)}"
+            )
+        if "shared_storage_path" not in extra or not extra["shared_storage_path"]:
+            raise ConfigError(
+                "VUA needs kv_connector_extra_config.shared_storage_path: an existing directory for the KV store"
+            )
+        try:
+            root = check_root(os.path.expanduser(str(extra["shared_storage_path"])))
+        except StoreRootError as exc:
+            raise StoreRootError(f"VUA shared_storage_path: {exc}") from None
+        if block_size <= 0:
+            raise ConfigError(f"the KV block size must be positive, got {block_size}")
+        if "chunk_size" in extra:
+            chunk = _parse_positive_int(extra["chunk_size"], "chunk_size")
+            if chunk % block_size:
+                raise ConfigError(
+                    f"chunk_size={chunk} must be a multiple of the KV block size {block_size} "
+                    f"(for example {max(block_size, chunk // block_size * block_size)})"
+                )
+        else:
+            chunk = max(block_size, max_num_batched_tokens // block_size * block_size)
+        use_gds = str(extra.get("use_gds", "auto")).lower()
+        if use_gds not in ("auto", "true", "false"):
+            raise ConfigError(f"use_gds must be 'auto', true or false, got {extra['use_gds']!r}")
+        max_store = extra.get("max_store_size")
+        return cls(
+            root=root,
+            block_size=block_size,
+            chunk_size=chunk,
+            use_gds=use_gds,  # type: ignore[arg-type]
+            io_threads=_parse_positive_int(extra.get("io_threads", 4), "io_threads"),
+            max_staging_bytes=parse_byte_size(extra.get("max_staging_bytes", "2G"), "max_staging_bytes"),
+            max_store_size=None if max_store is None else parse_byte_size(max_store, "max_store_size"),
+            durable=parse_bool(extra.get("durable", True), "durable"),
+            layerwise_load=parse_bool(extra.get("layerwise_load", True), "layerwise_load"),
+        )
+
+
+class RuntimeSwitches:
+    """``<root>/disable-get`` and ``<root>/disable-put``, looked at no more than once per ``interval`` seconds."""
+
+    def __init__(self, root: Path, interval: float = 1.0) -> None:
+        self._paths = (root / DISABLE_GET, root / DISABLE_PUT)
+        self._interval = interval
+        self._checked_at = float("-inf")
+        self._disabled = (False, False)
+
+    def _state(self) -> tuple[bool, bool]:
+        now = time.monotonic()
+        if now - self._checked_at >= self._interval:
+            self._checked_at = now
+            self._disabled = tuple(os.path.exists(p) for p in self._paths)  # type: ignore[assignment]
+        return self._disabled
+
+    @property
+    def get_enabled(self) -> bool:
+        return not self._state()[0]
+
+    @property
+    def put_enabled(self) -> bool:
+        return not self._state()[1]

@@ -1,0 +1,73 @@
+"""Connector statistics, in the shape vLLM's stat loggers expect (``KVConnectorStats``).
+
+Both halves count into the same fields (the scheduler: lookups and hits; the worker: bytes,
+seconds and faults); vLLM aggregates them per step and the logger reduces an interval to rates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ._compat import KVConnectorStats
+
+__all__ = ["VUAConnectorStats", "COUNTERS"]
+
+COUNTERS = (
+    "requests",  # prompts looked up
+    "prompt_tokens",  # their tokens
+    "hit_tokens",  # tokens loaded instead of computed
+    "loaded_fragments",
+    "loaded_bytes",
+    "load_seconds",  # wall time from the start of a step's loads to the last byte
+    "load_errors",  # fragments that failed to load (their blocks are recomputed)
+    "saved_fragments",
+    "saved_bytes",
+    "save_seconds",  # summed time of background writes
+    "save_errors",  # writes the filesystem refused (full, read-only...)
+    "saves_skipped",  # saves dropped because staging memory was full
+)
+
+
+@dataclass
+class VUAConnectorStats(KVConnectorStats):
+    def __post_init__(self) -> None:
+        for name in COUNTERS:
+            self.data.setdefault(name, 0)
+
+    def add(self, **counts: float) -> None:
+        for name, value in counts.items():
+            self.data[name] += value
+
+    def reset(self) -> None:
+        self.data = {name: 0 for name in COUNTERS}
+
+    def aggregate(self, other: KVConnectorStats) -> "VUAConnectorStats":
+        for name in COUNTERS:
+            self.data[name] += other.data.get(name, 0)
+        return self
+
+    def is_empty(self) -> bool:
+        return not any(self.data[name] for name in COUNTERS)
+
+    def reduce(self) -> dict[str, int | float]:
+        d = self.data
+        return {
+            "Prompts looked up": d["requests"],
+            "Hit tokens": d["hit_tokens"],
+            "Hit rate (%)": round(100 * d["hit_tokens"] / d["prompt_tokens"], 1) if d["prompt_tokens"] else 0.0,
+            "Loaded GB": round(d["loaded_bytes"] / 1e9, 3),
+            "Load GB/s": _rate(d["loaded_bytes"], d["load_seconds"]),
+            "Saved GB": round(d["saved_bytes"] / 1e9, 3),
+            "Save GB/s": _rate(d["saved_bytes"], d["save_seconds"]),
+            "Load errors": d["load_errors"],
+            "Save errors": d["save_errors"],
+            "Saves skipped": d["saves_skipped"],
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+def _rate(nbytes: float, seconds: float) -> float:
+    return round(nbytes / seconds / 1e9, 3) if seconds > 0 else 0.0

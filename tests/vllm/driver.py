@@ -1,0 +1,118 @@
+"""Run one vLLM engine (CPU build) over a list of prompts and print the results as JSON.
+
+Used by the engine tests and the benchmark as a separate process per engine, so every run
+starts from a cold vLLM (and the store is the only thing two runs share). Reads a JSON job
+from stdin:
+
+    {"model": dir, "root": dir or null (no connector), "prompts": [[ids...], ...],
+     "max_tokens": 4, "block_size": 32, "max_num_batched_tokens": 256, "extra": {...},
+     "policy": "recompute", "tp": 1, "between": {"<prompt index>": [["corrupt", root, start]]}}
+
+and prints one line ``RESULT <json>``: per prompt the generated ids, their logprobs, the number
+of cached prompt tokens and the time to the first token; and the worker connector's totals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def main() -> None:
+    job = json.load(sys.stdin)
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    # In-process engine: the worker connector's counters are then reachable from here.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    kv_transfer = None
+    if job.get("root"):
+        extra = {"shared_storage_path": job["root"], **job.get("extra", {})}
+        kv_transfer = KVTransferConfig(
+            kv_connector="VUAStorageConnector_V1",
+            kv_connector_module_path="vua.vllm.kv_connector_v1",
+            kv_role="kv_both",
+            kv_connector_extra_config=extra,
+            kv_load_failure_policy=job.get("policy", "recompute"),
+        )
+    llm = LLM(
+        model=job["model"],
+        dtype="bfloat16",
+        block_size=job.get("block_size", 32),
+        max_num_batched_tokens=job.get("max_num_batched_tokens", 256),
+        max_model_len=job.get("max_model_len", 4096),
+        enable_prefix_caching=False,
+        enforce_eager=True,
+        tensor_parallel_size=job.get("tp", 1),
+        kv_transfer_config=kv_transfer,
+        seed=0,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 4), logprobs=1)
+    actions = {int(k): v for k, v in job.get("between", {}).items()}
+    results = []
+    for index, prompt in enumerate(job["prompts"]):
+        batch = prompt if prompt and isinstance(prompt[0], list) else [prompt]
+        started = time.perf_counter()
+        outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+        elapsed = time.perf_counter() - started
+        for output in outputs:
+            completion = output.outputs[0]
+            results.append(
+                {
+                    "tokens": list(completion.token_ids),
+                    "logprobs": [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs)],
+                    "cached": output.num_cached_tokens,
+                    "seconds": elapsed,
+                }
+            )
+        _flush_saves()
+        for action in actions.get(index, []):
+            _act(action)
+    print("RESULT " + json.dumps({"results": results, "totals": _totals()}), flush=True)
+
+
+def _worker():
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    return get_kv_transfer_group()._worker if has_kv_transfer_group() else None
+
+
+def _flush_saves() -> None:
+    worker = _worker()
+    if worker is not None:
+        worker.flush()
+
+
+def _totals() -> dict:
+    worker = _worker()
+    return worker.totals.snapshot() if worker is not None else {}
+
+
+def _act(action: list) -> None:
+    """Test hooks run between prompts. ["corrupt", root, start]: flip the last bytes (the data of
+    the last layer) of every full-chunk fragment under ``root`` whose first token is ``start``."""
+    from pathlib import Path
+
+    from vua.serdes import decode_header, decode_header_length
+
+    kind, root, start = action
+    if kind != "corrupt":
+        raise ValueError(f"unknown action {kind!r}")
+    for path in sorted(Path(root).rglob("*.safetensors")):
+        if "tails" in path.parts:
+            continue
+        data = path.read_bytes()
+        header = decode_header(data[: 8 + decode_header_length(data, len(data))], len(data))
+        if header.metadata.get("vua_start") == str(start):
+            with open(path, "r+b") as handle:
+                handle.seek(-64, os.SEEK_END)
+                handle.write(bytes(b ^ 0xFF for b in data[-64:]))
+            print(f"corrupted {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

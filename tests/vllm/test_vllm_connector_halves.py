@@ -1,0 +1,255 @@
+"""The scheduler half and the worker half together, on a real store in a tmp dir and CPU-layout KV tensors."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm.v1.request import Request
+
+from vua.vllm.metadata import SCRATCH
+from vua.vllm.settings import DISABLE_GET, DISABLE_PUT
+
+from vllm_steps import BLOCK, CHUNK, LAYERS, Engine, expected_block, identity
+
+rng = random.Random(7)
+P = [rng.randrange(3, 5000) for _ in range(58)]  # 14 full blocks: 3 full chunks and a tail of 2 blocks
+
+
+def fragments(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.safetensors"))
+
+
+def assert_loaded(engine: Engine, tokens: list[int], block_ids: list[int], n_blocks: int) -> None:
+    for index in range(n_blocks):
+        for offset, layer in enumerate(LAYERS):
+            assert torch.equal(engine.block(layer, block_ids[index]), expected_block(tokens, index) + offset), index
+
+
+@pytest.fixture
+def stored(tmp_path: Path) -> Path:
+    """A root holding P, saved by an engine that prefilled it in steps of 20 tokens (chunked prefill)."""
+    engine = Engine(tmp_path)
+    result = engine.run("p", P, step_tokens=20)
+    engine.close()
+    assert result["hit"] == 0
+    assert [(s.fragment.start, s.fragment.n_blocks, s.fragment.anchor is None) for s in result["saves"]] == [
+        (0, 4, True), (16, 4, True), (32, 4, True), (48, 2, False)]
+    assert engine.worker.totals.data["saved_fragments"] == 4
+    return tmp_path
+
+
+def test_second_engine_loads_the_whole_stored_prefix_exactly(stored: Path) -> None:
+    engine = Engine(stored)
+    result = engine.run("p2", P)
+    assert result["hit"] == 56  # every full block: (58 - 1) // 4 * 4
+    assert_loaded(engine, P, result["block_ids"], 14)
+    assert result["saves"] == []  # all stored already
+    assert engine.errors == set()
+    assert engine.worker.totals.data["loaded_fragments"] == 4
+
+
+def test_claim_stays_below_the_prompt_length(stored: Path) -> None:
+    engine = Engine(stored)
+    result = engine.run("p56", P[:56])  # 14 full blocks stored, but the last token must be computed
+    assert result["hit"] == 52
+    load = result["loads"][0]
+    assert load.block_ids[-1] == [result["block_ids"][12], SCRATCH]  # the last stored block is not written
+    assert_loaded(engine, P, result["block_ids"], 13)
+
+
+def test_diverging_prompt_reuses_only_the_shared_full_chunks(stored: Path) -> None:
+    engine = Engine(stored)
+    q = P[:30] + [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    result = engine.run("q", q)
+    assert result["hit"] == CHUNK  # blocks 0-6 are shared, but only chunk 0 ends inside the shared part
+    assert_loaded(engine, q, result["block_ids"], 4)
+
+
+def test_extended_prompt_reuses_the_stored_tail(stored: Path) -> None:
+    engine = Engine(stored)
+    extended = P + [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]  # 70 tokens: chunk 3 is now full
+    result = engine.run("ext", extended)
+    assert result["hit"] == 56  # 3 full chunks + P's tail of 2 blocks
+    assert_loaded(engine, extended, result["block_ids"], 14)
+    # Chunk 3 is full now: stored as a full chunk, from loaded and computed blocks alike.
+    # and its own tail (block 16) too.
+    assert [(s.fragment.start, s.fragment.n_blocks) for s in result["saves"]] == [(48, 4), (64, 1)]
+    again = Engine(stored).run("ext2", extended)
+    assert again["hit"] == 68
+
+
+def test_other_model_reuses_nothing(stored: Path) -> None:
+    engine = Engine(stored, identity(model="other"))
+    assert engine.run("p", P)["hit"] == 0
+
+
+def test_cache_salt_keeps_prefixes_apart(stored: Path) -> None:
+    engine = Engine(stored)
+    assert engine.run("salted", P, salt="tenant-a")["hit"] == 0
+    assert engine.run("salted2", P, salt="tenant-a")["hit"] == 56
+
+
+def test_corrupt_fragment_is_reported_and_removed(stored: Path) -> None:
+    second = [p for p in fragments(stored) if "tails" not in p.parts][1]
+    with open(second, "r+b") as handle:  # flip the last bytes: the data of the last layer
+        handle.seek(-8, os.SEEK_END)
+        handle.write(b"\xff" * 8)
+    engine = Engine(stored)
+    result = engine.run("p", P)
+    loads = result["loads"][0]
+    broken = [i for i, f in enumerate(loads.fragments) if f.path(engine.worker.store.layout, "tp0") == second]
+    assert len(broken) == 1
+    assert engine.errors == set(loads.block_ids[broken[0]])
+    assert not second.exists()
+    # The next request computes that chunk again and stores it again.
+    assert Engine(stored).run("p3", P)["hit"] == broken[0] * CHUNK
+    assert Engine(stored).run("p4", P)["hit"] == 56
+
+
+def test_missing_fragment_between_lookup_and_load_reports_every_later_block(stored: Path) -> None:
+    engine = Engine(stored)
+    meta = engine.first_step("late", P, list(range(15)))
+    meta.loads[0].fragments[1].path(engine.worker.store.layout, "tp0").unlink()  # gone before the worker reads it
+    engine.worker.start_load(meta.loads)
+    engine.worker.wait_for_save(meta.saves)
+    assert engine.worker.take_load_errors() == set(range(4, 14))
+    engine.close()
+
+
+def test_runtime_switches(stored: Path) -> None:
+    (stored / DISABLE_GET).touch()
+    assert Engine(stored).run("p", P)["hit"] == 0
+    (stored / DISABLE_GET).unlink()
+    (stored / DISABLE_PUT).touch()
+    engine = Engine(stored)
+    q = [9] * 40
+    assert engine.run("q", q)["saves"] == []
+    (stored / DISABLE_PUT).unlink()
+    assert len(Engine(stored).run("q2", q)["saves"]) == 3  # two full chunks and a tail of 2 blocks
+
+
+def test_staging_bound_skips_saves_instead_of_blocking(tmp_path: Path) -> None:
+    engine = Engine(tmp_path, max_staging_bytes="512")  # less than any fragment
+    result = engine.run("p", P)
+    assert len(result["saves"]) == 4
+    assert engine.worker.totals.data["saves_skipped"] == 4
+    assert fragments(tmp_path) == []
+
+
+def test_full_filesystem_is_a_skipped_save(tmp_path: Path) -> None:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        engine = Engine(mount)
+        result = engine.run("p", P)
+        assert len(result["saves"]) == 4
+        assert engine.worker.totals.data["save_errors"] >= 1
+        stored = engine.worker.totals.data["saved_fragments"]
+        assert stored + engine.worker.totals.data["save_errors"] == 4
+        assert not [p for p in mount.rglob("*") if ".tmp-" in p.name]  # nothing half written left behind
+        # What did get stored is still served, exactly.
+        reader = Engine(mount)
+        again = reader.run("p2", P)
+        assert again["hit"] % CHUNK == 0 or again["hit"] == 56
+        assert_loaded(reader, P, again["block_ids"], again["hit"] // BLOCK)
+        assert reader.errors == set()
+        engine.close()
+    finally:
+        subprocess.run(["umount", str(mount)])
+
+
+def test_tensor_parallel_ranks_store_their_own_shards(tmp_path: Path) -> None:
+    tp = identity(tp_size=2)
+    rank0, rank1 = Engine(tmp_path, tp, tp_rank=0), Engine(tmp_path, tp, tp_rank=1)
+    rank0.run("p", P)
+    assert Engine(tmp_path, tp).run("look", P)["hit"] == 0  # rank 1's shards are missing
+    rank1.run("p", P)
+    names = sorted({p.name.split(".")[-2] if "tails" in p.parts else p.stem for p in fragments(tmp_path)})
+    assert names == ["tp0", "tp1"]
+    reader = Engine(tmp_path, tp, tp_rank=1)
+    result = reader.run("p2", P)
+    assert result["hit"] == 56
+    assert_loaded(reader, P, result["block_ids"], 14)
+
+
+def test_mla_one_rank_writes_every_rank_reads(tmp_path: Path) -> None:
+    mla = identity(tp_size=2, mla=True)
+    assert mla.shards() == ["tp0"]
+    Engine(tmp_path, mla, tp_rank=1).run("p", P)
+    assert fragments(tmp_path) == []  # rank 1 never writes
+    Engine(tmp_path, mla, tp_rank=0).run("p", P)
+    reader = Engine(tmp_path, mla, tp_rank=1)
+    result = reader.run("p2", P)
+    assert result["hit"] == 56
+    assert_loaded(reader, P, result["block_ids"], 14)
+
+
+def test_incompatible_kv_layout_turns_the_worker_off(stored: Path) -> None:
+    engine = Engine(stored)
+    engine.worker.register_kv_caches({name: torch.zeros((8, 4, 2, 16), dtype=torch.bfloat16) for name in LAYERS})
+    result = engine.run("p", P)
+    assert result["hit"] == 56
+    assert engine.errors == set(result["block_ids"][:14])  # everything claimed is recomputed, nothing read
+
+
+def test_lookup_costs_one_metadata_operation_per_chunk(stored: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    for name in ("lstat", "stat", "listdir", "scandir"):
+        original = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    engine = Engine(stored)
+    from vllm import SamplingParams
+
+    assert engine.scheduler.switches.get_enabled  # looks at disable-get now, then not for a second
+    calls.clear()
+    assert engine.scheduler.get_num_new_matched_tokens(Request("c", P, SamplingParams(), None), 0)[0] == 56
+    assert calls == ["lstat", "lstat", "lstat", "listdir"]
+    assert BLOCK * 4 == CHUNK
+
+
+def test_loading_before_the_forward_pass(stored: Path) -> None:
+    engine = Engine(stored, layerwise_load="false")
+    block_ids = list(range(20, 35))
+    engine.worker.start_load(engine.first_step("early", P, block_ids).loads)
+    assert_loaded(engine, P, block_ids, 14)  # no wait_for_layer_load needed
+    assert engine.worker.take_load_errors() == set()
+    engine.close()
+
+
+def test_request_resumed_after_preemption_saves_the_rest_from_its_new_blocks(tmp_path: Path) -> None:
+    from vllm import SamplingParams
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+
+    engine = Engine(tmp_path)
+    first_blocks = list(range(15))
+    meta = engine.first_step("r", P, first_blocks, scheduled=20)  # 20 tokens computed, then preempted
+    assert [s.block_ids for s in meta.saves] == [first_blocks[0:4]]
+    for layer in LAYERS:
+        engine.compute(P, first_blocks, 0, 20, layer)
+    engine.worker.wait_for_save(meta.saves)
+    engine.worker.flush()
+    # Resumed: vLLM looks the prompt up again and hands out new blocks.
+    request = Request("r", P, SamplingParams(max_tokens=1), None)
+    hit, _ = engine.scheduler.get_num_new_matched_tokens(request, 0)
+    assert hit == CHUNK
+    new_blocks = list(range(30, 45))
+    engine.scheduler.update_state_after_alloc(request, KVCacheBlocks(([KVCacheBlock(b) for b in new_blocks],)), hit)
+    output = SchedulerOutput.make_empty()
+    output.scheduled_cached_reqs = CachedRequestData(
+        req_ids=["r"], resumed_req_ids={"r"}, new_token_ids=[], all_token_ids={}, new_block_ids=[(new_blocks,)],
+        num_computed_tokens=[hit], num_output_tokens=[0])
+    output.num_scheduled_tokens = {"r": len(P) - hit}
+    meta = engine.scheduler.build_connector_meta(output)
+    assert meta.loads[0].block_ids == [new_blocks[0:4]]
+    assert [s.block_ids for s in meta.saves] == [new_blocks[4:8], new_blocks[8:12], new_blocks[12:14]]
+    engine.close()

@@ -1,0 +1,89 @@
+"""kv_connector_extra_config parsing: defaults, validation and the run-time switches."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from vua.errors import ConfigError, StoreRootError
+from vua.vllm.settings import ConnectorSettings, RuntimeSwitches, parse_byte_size
+
+
+def parse(extra: dict, block_size: int = 32, max_num_batched_tokens: int = 300) -> ConnectorSettings:
+    return ConnectorSettings.from_extra_config(extra, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens)
+
+
+def test_defaults(tmp_path: Path) -> None:
+    settings = parse({"shared_storage_path": str(tmp_path)})
+    assert settings.root == tmp_path.resolve()
+    assert settings.chunk_size == 288  # --max-num-batched-tokens rounded down to the block size
+    assert settings.blocks_per_chunk == 9
+    assert (settings.use_gds, settings.backend) == ("auto", "auto")
+    assert (settings.io_threads, settings.max_staging_bytes, settings.max_store_size, settings.durable) == (
+        4, 2 << 30, None, True)
+
+
+def test_chunk_is_at_least_one_block(tmp_path: Path) -> None:
+    assert parse({"shared_storage_path": str(tmp_path)}, block_size=128, max_num_batched_tokens=64).chunk_size == 128
+
+
+def test_every_key(tmp_path: Path) -> None:
+    settings = parse({"shared_storage_path": str(tmp_path), "chunk_size": "256", "use_gds": False, "io_threads": 2,
+                      "max_staging_bytes": "512M", "max_store_size": "1.5T", "durable": "false"})
+    assert settings.chunk_size == 256
+    assert (settings.use_gds, settings.backend) == ("false", "posix")
+    assert settings.max_staging_bytes == 512 << 20
+    assert settings.max_store_size == int(1.5 * (1 << 40))
+    assert settings.durable is False
+    assert parse({"shared_storage_path": str(tmp_path), "use_gds": "TRUE"}).backend == "gds"
+
+
+def test_settings_are_frozen(tmp_path: Path) -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parse({"shared_storage_path": str(tmp_path)}).chunk_size = 64  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "words"),
+    [
+        ({"shared_storage_path": ""}, ConfigError, "needs kv_connector_extra_config.shared_storage_path"),
+        ({"shared_storage_path": "/nonexistent/vua"}, StoreRootError, "does not exist"),
+        ({"chunk_size": 100}, ConfigError, "multiple of the KV block size 32"),
+        ({"chunk_size": 0}, ConfigError, "chunk_size must be a positive integer"),
+        ({"chunk_size": "lots"}, ConfigError, "chunk_size must be a positive integer"),
+        ({"use_gds": "maybe"}, ConfigError, "use_gds"),
+        ({"max_store_size": "200X"}, ConfigError, "max_store_size"),
+        ({"max_store_size": 0}, ConfigError, "max_store_size must be positive"),
+        ({"durable": "sometimes"}, ConfigError, "durable"),
+        ({"root_path": "/x"}, ConfigError, "unknown VUA kv_connector_extra_config key(s) ['root_path']"),
+    ],
+)
+def test_bad_values_name_the_problem(tmp_path: Path, extra: dict, error: type, words: str) -> None:
+    with pytest.raises(error) as caught:
+        parse({"shared_storage_path": str(tmp_path), **extra})
+    assert words in str(caught.value)
+
+
+def test_root_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreRootError, match="not a directory"):
+        parse({"shared_storage_path": str(tmp_path / "file")})
+
+
+@pytest.mark.parametrize(("text", "size"), [("200G", 200 << 30), ("4096", 4096), (8192, 8192), ("1KiB", 1024), ("2 MB", 2 << 20)])
+def test_byte_sizes(text: object, size: int) -> None:
+    assert parse_byte_size(text, "x") == size
+
+
+def test_switches_are_read_at_most_once_per_interval(tmp_path: Path) -> None:
+    switches = RuntimeSwitches(tmp_path, interval=3600)
+    assert switches.get_enabled and switches.put_enabled
+    (tmp_path / "disable-get").touch()
+    assert switches.get_enabled  # not looked at again yet
+    fresh = RuntimeSwitches(tmp_path, interval=0)
+    assert not fresh.get_enabled and fresh.put_enabled
+    (tmp_path / "disable-put").touch()
+    (tmp_path / "disable-get").unlink()
+    assert fresh.get_enabled and not fresh.put_enabled

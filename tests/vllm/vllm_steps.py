@@ -1,0 +1,124 @@
+"""Drive the two connector halves through vLLM's own request and scheduler-output types, without an engine.
+
+The "forward pass" writes, into every computed block, bytes that depend only on the token
+prefix the block ends (like real KV does), so a load can be checked exactly against what a
+compute would have produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from vllm import SamplingParams
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.request import Request
+
+from vua.store import FragmentStore
+from vua.vllm.metadata import StoreIdentity
+from vua.vllm.scheduler import SchedulerSide
+from vua.vllm.settings import ConnectorSettings
+from vua.vllm.worker import WorkerSide
+
+BLOCK = 4
+CHUNK = 16  # 4 blocks
+BLOCK_SHAPE = (2, BLOCK, 16)  # [kv_heads, block, head_size + head_size_v]
+LAYERS = ("model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn")
+NUM_BLOCKS = 64
+
+
+def identity(model: str = "tiny", **changes) -> StoreIdentity:
+    fields = dict(model=model, kv_dtype="BF16", block_shape=BLOCK_SHAPE, block_size=BLOCK, chunk_size=CHUNK,
+                  layer_names=LAYERS)
+    fields.update(changes)
+    return StoreIdentity(**fields)
+
+
+def settings(root: Path, **extra) -> ConnectorSettings:
+    config = {"shared_storage_path": str(root), "chunk_size": CHUNK, "durable": False, "io_threads": 2, **extra}
+    return ConnectorSettings.from_extra_config(config, block_size=BLOCK, max_num_batched_tokens=64)
+
+
+def expected_block(tokens: list[int], block_index: int) -> torch.Tensor:
+    """The KV a compute would leave in the block ``block_index`` of ``tokens`` (a function of its prefix)."""
+    prefix = np.asarray(tokens[: (block_index + 1) * BLOCK], dtype=np.int64).tobytes()
+    seed = int.from_bytes(hashlib.blake2b(prefix, digest_size=8).digest(), "little") % (2**63)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(BLOCK_SHAPE, generator=generator).to(torch.bfloat16)
+
+
+class Engine:
+    """One scheduler half and one worker half over a shared root, with a KV cache of plain tensors."""
+
+    def __init__(self, root: Path, ident: StoreIdentity | None = None, tp_rank: int = 0, **extra) -> None:
+        self.identity = ident or identity()
+        self.settings = settings(root, **extra)
+        namespace = self.identity.namespace()
+        self.scheduler = SchedulerSide(self.settings, self.identity, FragmentStore(root, namespace, durable=False))
+        self.worker = WorkerSide(self.settings, self.identity,
+                                 FragmentStore(root, namespace, backend="posix", durable=False), tp_rank)
+        self.kv = {name: torch.zeros((NUM_BLOCKS, *BLOCK_SHAPE), dtype=torch.bfloat16) for name in LAYERS}
+        self.worker.register_kv_caches(self.kv)
+        self._free = list(range(NUM_BLOCKS))
+        self.errors: set[int] = set()
+
+    def run(self, request_id: str, tokens: list[int], step_tokens: int = 64, salt: str | None = None) -> dict:
+        """Prefill ``tokens`` in steps of ``step_tokens``; returns what the connector claimed and loaded."""
+        request = Request(request_id, list(tokens), SamplingParams(max_tokens=1), None, cache_salt=salt)
+        hit, is_async = self.scheduler.get_num_new_matched_tokens(request, 0)
+        assert is_async is False
+        n_blocks = -(-len(tokens) // BLOCK)
+        block_ids = [self._free.pop(0) for _ in range(n_blocks)]
+        self.scheduler.update_state_after_alloc(request, KVCacheBlocks(([KVCacheBlock(b) for b in block_ids],)), hit)
+        computed, first, jobs = hit, True, {"loads": [], "saves": []}
+        while computed < len(tokens):
+            scheduled = min(step_tokens, len(tokens) - computed)
+            output = SchedulerOutput.make_empty()
+            output.num_scheduled_tokens = {request_id: scheduled}
+            if first:
+                output.scheduled_new_reqs = [NewRequestData.from_request(request, (block_ids,))]
+                output.scheduled_new_reqs[0].num_computed_tokens = computed
+            else:
+                output.scheduled_cached_reqs = CachedRequestData(
+                    req_ids=[request_id], resumed_req_ids=set(), new_token_ids=[], all_token_ids={},
+                    new_block_ids=[None], num_computed_tokens=[computed], num_output_tokens=[0])
+            meta = self.scheduler.build_connector_meta(output)
+            jobs["loads"] += meta.loads
+            jobs["saves"] += meta.saves
+            self.worker.start_load(meta.loads)
+            for layer in LAYERS:
+                self.worker.wait_for_layer_load(layer)
+                self.compute(tokens, block_ids, computed, computed + scheduled, layer)
+            self.worker.wait_for_save(meta.saves)
+            self.errors |= self.worker.take_load_errors()
+            computed += scheduled
+            first = False
+        self.worker.flush()
+        self.scheduler.request_finished(request, block_ids)
+        self._free.extend(block_ids)
+        return {"hit": hit, "block_ids": block_ids, **jobs}
+
+    def first_step(self, request_id: str, tokens: list[int], block_ids: list[int], scheduled: int = 2):
+        """Look up, allocate and schedule a new request for one step; the connector metadata of that step."""
+        request = Request(request_id, list(tokens), SamplingParams(max_tokens=1), None)
+        hit, _ = self.scheduler.get_num_new_matched_tokens(request, 0)
+        self.scheduler.update_state_after_alloc(request, KVCacheBlocks(([KVCacheBlock(b) for b in block_ids],)), hit)
+        output = SchedulerOutput.make_empty()
+        output.scheduled_new_reqs = [NewRequestData.from_request(request, (block_ids,))]
+        output.num_scheduled_tokens = {request_id: scheduled}
+        return self.scheduler.build_connector_meta(output)
+
+    def compute(self, tokens: list[int], block_ids: list[int], begin: int, end: int, layer: str) -> None:
+        for index in range(begin // BLOCK, -(-end // BLOCK)):
+            if (index + 1) * BLOCK <= len(tokens):
+                self.kv[layer][block_ids[index]] = expected_block(tokens, index) + LAYERS.index(layer)
+
+    def block(self, layer: str, block_id: int) -> torch.Tensor:
+        return self.kv[layer][block_id]
+
+    def close(self) -> None:
+        self.worker.shutdown()
