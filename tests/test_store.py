@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from vua.errors import StoreWriteError
 from vua.integrity import TOKENS_TENSOR
 from vua.keys import Namespace
 from vua.store import DATA_ALIGNMENT, FragmentStore, TensorSource
@@ -99,6 +101,13 @@ class FragmentStoreTest(unittest.TestCase):
         self.assertFalse(self._write())
         after = os.stat(self.path)
         self.assertEqual((before.st_ino, before.st_mtime_ns), (after.st_ino, after.st_mtime_ns))
+
+    def test_a_vanished_root_is_never_recreated(self) -> None:
+        shutil.rmtree(self.root)  # the shared mount went away under a running store
+        with self.assertRaises(StoreWriteError) as caught:
+            self._write()
+        self.assertEqual(caught.exception.errno, errno.ENOENT)
+        self.assertFalse(self.root.exists())
 
     def test_segment_sizes_must_match_the_shape(self) -> None:
         bad = TensorSource("t", "F32", (4,), [np.zeros(12, dtype=np.uint8)])

@@ -24,6 +24,7 @@ import torch
 
 from .config import VUAConfig
 from .errors import KVCacheError, SplitFactorError, TokensError
+from .eviction import RecencyTouch
 from .keys import as_token_array, chained_digests, squeeze_batch
 from .serdes import dtype_name, torch_dtype
 from .store import Fragment, FragmentStore, TensorSource
@@ -90,6 +91,7 @@ class VUA:
     ) -> None:
         self.config = config
         self.split_factor = config.split_factor
+        store_options.setdefault("on_hit", RecencyTouch())  # so that `vua gc` evicts least recently used
         self.store = FragmentStore(root_path, config.namespace(), backend=backend, **store_options)
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="vua-io")
 

@@ -17,7 +17,7 @@ import xxhash
 
 from .errors import TokensError
 
-__all__ = ["FORMAT_VERSION", "Namespace", "DIGEST_BYTES", "as_token_array", "squeeze_batch", "chained_digests"]
+__all__ = ["FORMAT_VERSION", "Namespace", "DIGEST_BYTES", "as_token_array", "squeeze_batch", "chained_digests", "link_digest"]
 
 FORMAT_VERSION = 1
 DIGEST_BYTES = 16
@@ -83,14 +83,21 @@ def chained_digests(tokens: np.ndarray, granularity: int, seed: bytes, count: in
     """
     full = len(tokens) // granularity
     count = full if count is None else min(count, full)
-    raw = memoryview(np.ascontiguousarray(tokens[: count * granularity])).cast("B")
-    step = granularity * 8
     digests: list[bytes] = []
     parent = seed
     for i in range(count):
-        hasher = xxhash.xxh3_128(parent)
-        hasher.update(raw[i * step : (i + 1) * step])
-        parent = hasher.digest()
+        parent = link_digest(parent, tokens[i * granularity : (i + 1) * granularity])
         digests.append(parent)
     return digests
+
+
+def link_digest(parent: bytes, tokens: np.ndarray) -> bytes:
+    """One link of the chain: the digest of ``parent``'s prefix extended by ``tokens`` (any count).
+
+    Full groups are links of ``granularity`` tokens; a shorter link names a prefix that ends
+    inside a group (the last, partial KV block of a prompt).
+    """
+    hasher = xxhash.xxh3_128(parent)
+    hasher.update(memoryview(np.ascontiguousarray(tokens, dtype="<i8")).cast("B"))
+    return hasher.digest()
 

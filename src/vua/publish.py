@@ -34,19 +34,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def make_dirs(directory: Path, mode: int) -> None:
-    """Create ``directory`` and its missing parents, each with exactly ``mode``.
+def make_dirs(directory: Path, mode: int, root: Path | None = None) -> None:
+    """Create ``directory`` and its missing parents below ``root``, each with exactly ``mode``.
 
     ``Path.mkdir(parents=True)`` would give the parents the umask's default mode, and ``mkdir``'s
     own mode is filtered by the umask; a store shared by a group needs the configured mode on
-    every level. The common case (it exists) costs one ``mkdir`` call, as before.
+    every level. The common case (it exists) costs one ``mkdir`` call. ``root`` itself is never
+    created: a storage mount that went away must not turn into a directory on the local disk.
     """
     try:
         os.mkdir(directory, mode)
     except FileExistsError:
         return
     except FileNotFoundError:
-        make_dirs(directory.parent, mode)
+        if directory.parent == root:
+            raise
+        make_dirs(directory.parent, mode, root)
         try:
             os.mkdir(directory, mode)
         except FileExistsError:
@@ -54,12 +57,12 @@ def make_dirs(directory: Path, mode: int) -> None:
     os.chmod(directory, mode)
 
 
-def _create_temp(tmp: Path, file_mode: int, dir_mode: int) -> int:
+def _create_temp(tmp: Path, file_mode: int, dir_mode: int, root: Path | None) -> int:
     """Create ``tmp`` (and its directories); retried once because gc may remove an empty directory
     between our mkdir and our create (it only ever removes empty ones, so a second try wins)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for attempt in (1, 2):
-        make_dirs(tmp.parent, dir_mode)
+        make_dirs(tmp.parent, dir_mode, root)
         try:
             return os.open(tmp, flags, file_mode)
         except FileNotFoundError:
@@ -75,15 +78,17 @@ def publish_file(
     file_mode: int = DEFAULT_FILE_MODE,
     dir_mode: int = DEFAULT_DIR_MODE,
     durable: bool = True,
+    root: Path | None = None,
 ) -> bool:
-    """Create ``final`` with the bytes ``write(fd)`` puts in a fresh file.
+    """Create ``final`` with the bytes ``write(fd)`` puts in a fresh file (its directories too,
+    below ``root``, which must exist).
 
     Returns False when another writer published ``final`` first. Raises :class:`StoreWriteError`
     (with the original ``errno``) on any filesystem fault, leaving nothing behind.
     """
     tmp = final.parent / f".{final.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        fd = _create_temp(tmp, file_mode, dir_mode)
+        fd = _create_temp(tmp, file_mode, dir_mode, root)
         try:
             os.fchmod(fd, file_mode)
             write(fd)

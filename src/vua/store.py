@@ -216,6 +216,7 @@ class FragmentStore:
             file_mode=self.file_mode,
             dir_mode=self.dir_mode,
             durable=self.durable,
+            root=self.layout.root,
         )
 
     def _describe_namespace(self) -> None:
@@ -228,7 +229,9 @@ class FragmentStore:
             return
         text = json.dumps(json.loads(self.namespace.canonical()), indent=1).encode()
         try:
-            publish_file(target, lambda fd: os.write(fd, text), file_mode=self.file_mode, dir_mode=self.dir_mode)
+            publish_file(
+                target, lambda fd: os.write(fd, text), file_mode=self.file_mode, dir_mode=self.dir_mode, root=self.layout.root
+            )
         except StoreWriteError as exc:
             logger.debug("could not describe namespace %s: %s", self.namespace.name, exc)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vllm.v1.request import Request
 
@@ -18,7 +19,7 @@ from vua.vllm.settings import DISABLE_GET, DISABLE_PUT
 from vllm_steps import BLOCK, CHUNK, LAYERS, Engine, expected_block, identity
 
 rng = random.Random(7)
-P = [rng.randrange(3, 5000) for _ in range(58)]  # 14 full blocks: 3 full chunks and a tail of 2 blocks
+P = [rng.randrange(3, 5000) for _ in range(58)]  # 3 full chunks, a tail of 2 blocks, 2 tokens in a last block
 
 
 def fragments(root: Path) -> list[Path]:
@@ -26,9 +27,12 @@ def fragments(root: Path) -> list[Path]:
 
 
 def assert_loaded(engine: Engine, tokens: list[int], block_ids: list[int], n_blocks: int) -> None:
+    """The first ``n_blocks`` blocks hold the KV of ``tokens`` (the token slots a partial last block has)."""
     for index in range(n_blocks):
+        valid = min(BLOCK, len(tokens) - index * BLOCK)
         for offset, layer in enumerate(LAYERS):
-            assert torch.equal(engine.block(layer, block_ids[index]), expected_block(tokens, index) + offset), index
+            expected = expected_block(tokens, index) + offset
+            assert torch.equal(engine.block(layer, block_ids[index])[:, :valid], expected[:, :valid]), index
 
 
 @pytest.fixture
@@ -39,28 +43,54 @@ def stored(tmp_path: Path) -> Path:
     engine.close()
     assert result["hit"] == 0
     assert [(s.fragment.start, s.fragment.n_blocks, s.fragment.anchor is None) for s in result["saves"]] == [
-        (0, 4, True), (16, 4, True), (32, 4, True), (48, 2, False)]
-    assert engine.worker.totals.data["saved_fragments"] == 4
+        (0, 4, True), (16, 4, True), (32, 4, True), (48, 2, False), (56, 1, False)]
+    assert engine.worker.totals.data["saved_fragments"] == 5
     return tmp_path
 
 
 def test_second_engine_loads_the_whole_stored_prefix_exactly(stored: Path) -> None:
     engine = Engine(stored)
     result = engine.run("p2", P)
-    assert result["hit"] == 56  # every full block: (58 - 1) // 4 * 4
-    assert_loaded(engine, P, result["block_ids"], 14)
+    assert result["hit"] == 57  # all but the last token, whose logits vLLM needs
+    assert_loaded(engine, P, result["block_ids"], 15)  # the partial block's first slot came from the store
     assert result["saves"] == []  # all stored already
     assert engine.errors == set()
-    assert engine.worker.totals.data["loaded_fragments"] == 4
+    assert engine.worker.totals.data["loaded_fragments"] == 5
+
+
+def test_stored_partial_block_never_carries_other_requests_kv(tmp_path: Path) -> None:
+    engine = Engine(tmp_path)
+    for layer in LAYERS:  # every block starts out holding someone else's KV
+        engine.kv[layer].fill_(7)
+    engine.run("p", P)
+    partial = [s for s in fragments(tmp_path) if len(load_file(s)["tokens"]) == 2]
+    assert len(partial) == 1
+    for layer, tensor in load_file(partial[0]).items():
+        if layer != "tokens":
+            assert torch.count_nonzero(tensor[0][:, 2:]) == 0  # slots past the prompt are zeros
 
 
 def test_claim_stays_below_the_prompt_length(stored: Path) -> None:
     engine = Engine(stored)
     result = engine.run("p56", P[:56])  # 14 full blocks stored, but the last token must be computed
-    assert result["hit"] == 52
+    assert result["hit"] == 55
     load = result["loads"][0]
-    assert load.block_ids[-1] == [result["block_ids"][12], SCRATCH]  # the last stored block is not written
-    assert_loaded(engine, P, result["block_ids"], 13)
+    assert load.block_ids[-1] == result["block_ids"][12:14]  # the last block is loaded, its last slot recomputed
+    assert_loaded(engine, P[:56], result["block_ids"], 14)
+
+
+def test_min_recompute_tokens_leaves_that_many_prompt_tokens_to_compute(stored: Path) -> None:
+    engine = Engine(stored, min_recompute_tokens=5)
+    result = engine.run("p", P)
+    assert result["hit"] == 53  # ends inside block 13: vLLM computes its last 3 slots and block 14
+    assert_loaded(engine, P, result["block_ids"], 15)
+
+
+def test_a_prompt_ending_one_token_into_a_block_needs_no_partial_load(stored: Path) -> None:
+    engine = Engine(stored)
+    result = engine.run("p57", P[:57])
+    assert result["hit"] == 56
+    assert [f.n_blocks for f in result["loads"][0].fragments] == [4, 4, 4, 2]
 
 
 def test_diverging_prompt_reuses_only_the_shared_full_chunks(stored: Path) -> None:
@@ -75,13 +105,13 @@ def test_extended_prompt_reuses_the_stored_tail(stored: Path) -> None:
     engine = Engine(stored)
     extended = P + [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]  # 70 tokens: chunk 3 is now full
     result = engine.run("ext", extended)
-    assert result["hit"] == 56  # 3 full chunks + P's tail of 2 blocks
+    assert result["hit"] == 56  # 3 full chunks + P's tail of 2 blocks (P's partial block is P's alone)
     assert_loaded(engine, extended, result["block_ids"], 14)
-    # Chunk 3 is full now: stored as a full chunk, from loaded and computed blocks alike.
-    # and its own tail (block 16) too.
-    assert [(s.fragment.start, s.fragment.n_blocks) for s in result["saves"]] == [(48, 4), (64, 1)]
+    # Chunk 3 is full now: stored as a full chunk, from loaded and computed blocks alike,
+    # then its own tail (block 16) and its partial last block (2 tokens).
+    assert [(s.fragment.start, s.fragment.n_blocks) for s in result["saves"]] == [(48, 4), (64, 1), (68, 1)]
     again = Engine(stored).run("ext2", extended)
-    assert again["hit"] == 68
+    assert again["hit"] == 69
 
 
 def test_other_model_reuses_nothing(stored: Path) -> None:
@@ -92,7 +122,7 @@ def test_other_model_reuses_nothing(stored: Path) -> None:
 def test_cache_salt_keeps_prefixes_apart(stored: Path) -> None:
     engine = Engine(stored)
     assert engine.run("salted", P, salt="tenant-a")["hit"] == 0
-    assert engine.run("salted2", P, salt="tenant-a")["hit"] == 56
+    assert engine.run("salted2", P, salt="tenant-a")["hit"] == 57
 
 
 def test_corrupt_fragment_is_reported_and_removed(stored: Path) -> None:
@@ -109,7 +139,7 @@ def test_corrupt_fragment_is_reported_and_removed(stored: Path) -> None:
     assert not second.exists()
     # The next request computes that chunk again and stores it again.
     assert Engine(stored).run("p3", P)["hit"] == broken[0] * CHUNK
-    assert Engine(stored).run("p4", P)["hit"] == 56
+    assert Engine(stored).run("p4", P)["hit"] == 57
 
 
 def test_missing_fragment_between_lookup_and_load_reports_every_later_block(stored: Path) -> None:
@@ -118,7 +148,7 @@ def test_missing_fragment_between_lookup_and_load_reports_every_later_block(stor
     meta.loads[0].fragments[1].path(engine.worker.store.layout, "tp0").unlink()  # gone before the worker reads it
     engine.worker.start_load(meta.loads)
     engine.worker.wait_for_save(meta.saves)
-    assert engine.worker.take_load_errors() == set(range(4, 14))
+    assert engine.worker.take_load_errors() == set(range(4, 15))
     engine.close()
 
 
@@ -135,10 +165,10 @@ def test_runtime_switches(stored: Path) -> None:
 
 
 def test_staging_bound_skips_saves_instead_of_blocking(tmp_path: Path) -> None:
-    engine = Engine(tmp_path, max_staging_bytes="512")  # less than any fragment
+    engine = Engine(tmp_path, max_staging_bytes="500")  # less than any fragment
     result = engine.run("p", P)
-    assert len(result["saves"]) == 4
-    assert engine.worker.totals.data["saves_skipped"] == 4
+    assert len(result["saves"]) == 5
+    assert engine.worker.totals.data["saves_skipped"] == 5
     assert fragments(tmp_path) == []
 
 
@@ -150,16 +180,16 @@ def test_full_filesystem_is_a_skipped_save(tmp_path: Path) -> None:
     try:
         engine = Engine(mount)
         result = engine.run("p", P)
-        assert len(result["saves"]) == 4
+        assert len(result["saves"]) == 5
         assert engine.worker.totals.data["save_errors"] >= 1
         stored = engine.worker.totals.data["saved_fragments"]
-        assert stored + engine.worker.totals.data["save_errors"] == 4
+        assert stored + engine.worker.totals.data["save_errors"] == 5
         assert not [p for p in mount.rglob("*") if ".tmp-" in p.name]  # nothing half written left behind
         # What did get stored is still served, exactly.
         reader = Engine(mount)
         again = reader.run("p2", P)
-        assert again["hit"] % CHUNK == 0 or again["hit"] == 56
-        assert_loaded(reader, P, again["block_ids"], again["hit"] // BLOCK)
+        assert again["hit"] % CHUNK == 0 or again["hit"] in (56, 57)
+        assert_loaded(reader, P, again["block_ids"], -(-again["hit"] // BLOCK))
         assert reader.errors == set()
         engine.close()
     finally:
@@ -176,8 +206,8 @@ def test_tensor_parallel_ranks_store_their_own_shards(tmp_path: Path) -> None:
     assert names == ["tp0", "tp1"]
     reader = Engine(tmp_path, tp, tp_rank=1)
     result = reader.run("p2", P)
-    assert result["hit"] == 56
-    assert_loaded(reader, P, result["block_ids"], 14)
+    assert result["hit"] == 57
+    assert_loaded(reader, P, result["block_ids"], 15)
 
 
 def test_mla_one_rank_writes_every_rank_reads(tmp_path: Path) -> None:
@@ -188,16 +218,16 @@ def test_mla_one_rank_writes_every_rank_reads(tmp_path: Path) -> None:
     Engine(tmp_path, mla, tp_rank=0).run("p", P)
     reader = Engine(tmp_path, mla, tp_rank=1)
     result = reader.run("p2", P)
-    assert result["hit"] == 56
-    assert_loaded(reader, P, result["block_ids"], 14)
+    assert result["hit"] == 57
+    assert_loaded(reader, P, result["block_ids"], 15)
 
 
 def test_incompatible_kv_layout_turns_the_worker_off(stored: Path) -> None:
     engine = Engine(stored)
     engine.worker.register_kv_caches({name: torch.zeros((8, 4, 2, 16), dtype=torch.bfloat16) for name in LAYERS})
     result = engine.run("p", P)
-    assert result["hit"] == 56
-    assert engine.errors == set(result["block_ids"][:14])  # everything claimed is recomputed, nothing read
+    assert result["hit"] == 57
+    assert engine.errors == set(result["block_ids"][:15])  # everything claimed is recomputed, nothing read
 
 
 def test_lookup_costs_one_metadata_operation_per_chunk(stored: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -210,7 +240,7 @@ def test_lookup_costs_one_metadata_operation_per_chunk(stored: Path, monkeypatch
 
     assert engine.scheduler.switches.get_enabled  # looks at disable-get now, then not for a second
     calls.clear()
-    assert engine.scheduler.get_num_new_matched_tokens(Request("c", P, SamplingParams(), None), 0)[0] == 56
+    assert engine.scheduler.get_num_new_matched_tokens(Request("c", P, SamplingParams(), None), 0)[0] == 57
     assert calls == ["lstat", "lstat", "lstat", "listdir"]
     assert BLOCK * 4 == CHUNK
 
@@ -219,7 +249,7 @@ def test_loading_before_the_forward_pass(stored: Path) -> None:
     engine = Engine(stored, layerwise_load="false")
     block_ids = list(range(20, 35))
     engine.worker.start_load(engine.first_step("early", P, block_ids).loads)
-    assert_loaded(engine, P, block_ids, 14)  # no wait_for_layer_load needed
+    assert_loaded(engine, P, block_ids, 15)  # no wait_for_layer_load needed
     assert engine.worker.take_load_errors() == set()
     engine.close()
 
@@ -251,5 +281,24 @@ def test_request_resumed_after_preemption_saves_the_rest_from_its_new_blocks(tmp
     output.num_scheduled_tokens = {"r": len(P) - hit}
     meta = engine.scheduler.build_connector_meta(output)
     assert meta.loads[0].block_ids == [new_blocks[0:4]]
-    assert [s.block_ids for s in meta.saves] == [new_blocks[4:8], new_blocks[8:12], new_blocks[12:14]]
+    assert [s.block_ids for s in meta.saves] == [new_blocks[4:8], new_blocks[8:12], new_blocks[12:14], new_blocks[14:15]]
+    engine.close()
+
+
+def test_max_store_size_runs_background_gc_on_the_scheduler_side(tmp_path: Path) -> None:
+    engine = Engine(tmp_path, max_store_size="16K")
+    assert Engine(tmp_path).scheduler.gc is None  # no budget, no gc thread
+    engine.run("p", P)
+    stored = sum(p.stat().st_size for p in fragments(tmp_path))
+    assert stored > 16 * 1024
+    report = engine.scheduler.gc.run_once()
+    assert report is not None and report.bytes_after <= 16 * 1024 * 0.9
+    assert sum(p.stat().st_size for p in fragments(tmp_path)) == report.bytes_after
+    # What is left is still a correct prefix (shared prefixes are evicted last).
+    reader = Engine(tmp_path)
+    result = reader.run("p2", P)
+    assert_loaded(reader, P, result["block_ids"], -(-result["hit"] // BLOCK))
+    assert reader.errors == set()
+    engine.scheduler.shutdown()
+    assert engine.scheduler.gc._thread is None
     engine.close()

@@ -39,12 +39,15 @@ def identity(model: str = "tiny", **changes) -> StoreIdentity:
 
 
 def settings(root: Path, **extra) -> ConnectorSettings:
-    config = {"shared_storage_path": str(root), "chunk_size": CHUNK, "durable": False, "io_threads": 2, **extra}
+    # Recompute only the last token, so that claims reach into the prompt's last, partial block.
+    config = {"shared_storage_path": str(root), "chunk_size": CHUNK, "durable": False, "io_threads": 2,
+              "min_recompute_tokens": 1, **extra}
     return ConnectorSettings.from_extra_config(config, block_size=BLOCK, max_num_batched_tokens=64)
 
 
 def expected_block(tokens: list[int], block_index: int) -> torch.Tensor:
-    """The KV a compute would leave in the block ``block_index`` of ``tokens`` (a function of its prefix)."""
+    """The KV a compute would leave in the block ``block_index`` of ``tokens`` (a function of its prefix,
+    which is shorter than the block for the prompt's last, partial block)."""
     prefix = np.asarray(tokens[: (block_index + 1) * BLOCK], dtype=np.int64).tobytes()
     seed = int.from_bytes(hashlib.blake2b(prefix, digest_size=8).digest(), "little") % (2**63)
     generator = torch.Generator().manual_seed(seed)
@@ -113,9 +116,11 @@ class Engine:
         return self.scheduler.build_connector_meta(output)
 
     def compute(self, tokens: list[int], block_ids: list[int], begin: int, end: int, layer: str) -> None:
+        """Write the KV of positions [begin, end) only, as a forward pass does (token slots are dim 1)."""
         for index in range(begin // BLOCK, -(-end // BLOCK)):
-            if (index + 1) * BLOCK <= len(tokens):
-                self.kv[layer][block_ids[index]] = expected_block(tokens, index) + LAYERS.index(layer)
+            first, last = max(begin, index * BLOCK) - index * BLOCK, min(end, (index + 1) * BLOCK) - index * BLOCK
+            value = expected_block(tokens, index) + LAYERS.index(layer)
+            self.kv[layer][block_ids[index]][:, first:last] = value[:, first:last]
 
     def block(self, layer: str, block_id: int) -> torch.Tensor:
         return self.kv[layer][block_id]

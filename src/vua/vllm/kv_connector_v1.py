@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from ..eviction import RecencyTouch
 from ..store import FragmentStore
 from ._compat import (
     KVConnectorBase_V1,
@@ -65,7 +66,9 @@ class VUAStorageConnector_V1(KVConnectorBase_V1):
                 )
             logger.info("VUA: store %s, namespace %s, chunks of %d tokens", settings.root, namespace.name, settings.chunk_size)
         else:
-            store = FragmentStore(settings.root, namespace, backend=settings.backend, durable=settings.durable)
+            store = FragmentStore(
+                settings.root, namespace, backend=settings.backend, durable=settings.durable, on_hit=RecencyTouch()
+            )
             self._worker = WorkerSide(settings, identity, store, *parallel_ranks())
 
     @property

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ..keys import as_token_array, chained_digests
+from ..eviction import BackgroundGC
+from ..keys import as_token_array, chained_digests, link_digest
 from ..store import FragmentStore
 from ._compat import allocated_block_ids, prompt_if_cacheable, scheduled_requests
 from .metadata import SCRATCH, FragmentRef, LoadJob, SaveJob, StoreIdentity, VUAConnectorMetadata
@@ -27,26 +28,36 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PromptKeys:
-    """A prompt's token ids and the chained digest of each of its full KV blocks."""
+    """A prompt's token ids, the chained digest of each of its full KV blocks, and of the whole
+    prompt when it ends inside a block (``partial``; None when it ends on a block boundary)."""
 
     tokens: np.ndarray
     digests: list[bytes]
     seed: bytes
+    partial: bytes | None
+
+    def anchor(self, chunk: int, blocks_per_chunk: int) -> bytes:
+        """The digest of the prefix before ``chunk``: the directory its tails are listed in."""
+        return self.digests[chunk * blocks_per_chunk - 1] if chunk else self.seed
 
 
 def prompt_keys(tokens: Any, block_size: int, seed: bytes, salt: str = "") -> PromptKeys:
     if salt:  # a per-tenant cache salt keeps that tenant's prefixes apart
         seed = xxhash.xxh3_128_digest(seed + salt.encode())
     array = as_token_array(tokens)
-    return PromptKeys(array, chained_digests(array, block_size, seed), seed)
+    digests = chained_digests(array, block_size, seed)
+    full = len(digests) * block_size
+    partial = link_digest(digests[-1] if digests else seed, array[full:]) if full < len(array) else None
+    return PromptKeys(array, digests, seed, partial)
 
 
 def find_stored_prefix(
     store: FragmentStore, keys: PromptKeys, block_size: int, blocks_per_chunk: int, shards: list[str]
 ) -> list[FragmentRef]:
-    """The fragments of the longest stored prefix: full chunks until the first miss, then the longest tail.
+    """The fragments of the longest stored prefix: full chunks until the first miss, then the
+    longest stored tail of full blocks, then the prompt's own last, partial block if it is stored.
 
-    One stat (or listing, for several shards) per full chunk and one listing for the tail.
+    One stat (or listing, for several shards) per full chunk and one listing for the rest.
     """
     cb = blocks_per_chunk
     chunk_tokens = cb * block_size
@@ -58,15 +69,21 @@ def find_stored_prefix(
         found.append(FragmentRef(keys.digests[(chunk + 1) * cb - 1], None, start, cb, keys.tokens[start : start + chunk_tokens]))
         chunk += 1
     longest_tail = min(n_blocks - chunk * cb, cb - 1)
-    if longest_tail > 0:
-        anchor = keys.digests[chunk * cb - 1] if chunk else keys.seed
-        stored = store.tails(anchor)
-        for k in range(longest_tail, 0, -1):
-            digest = keys.digests[chunk * cb + k - 1]
-            if set(shards) <= stored.get(digest.hex(), set()):
-                start = chunk * chunk_tokens
-                found.append(FragmentRef(digest, anchor, start, k, keys.tokens[start : start + k * block_size]))
-                break
+    if longest_tail <= 0 and keys.partial is None:
+        return found
+    anchor = keys.anchor(chunk, cb)
+    stored = store.tails(anchor)
+    covered = chunk * cb
+    for k in range(longest_tail, 0, -1):
+        digest = keys.digests[chunk * cb + k - 1]
+        if set(shards) <= stored.get(digest.hex(), set()):
+            start = chunk * chunk_tokens
+            found.append(FragmentRef(digest, anchor, start, k, keys.tokens[start : start + k * block_size]))
+            covered += k
+            break
+    if covered == n_blocks and keys.partial is not None and set(shards) <= stored.get(keys.partial.hex(), set()):
+        start = n_blocks * block_size
+        found.append(FragmentRef(keys.partial, anchor, start, 1, keys.tokens[start:]))
     return found
 
 
@@ -76,8 +93,8 @@ class _Request:
     block_ids: list[int] = field(default_factory=list)
     next_chunk: int = 0  # chunks before it are stored or already handed to the worker
     stored_chunks: int = 0  # full chunks known to be stored (found by the last lookup)
-    tail_stored: bool = False
-    tail_done: bool = False
+    stored_tails: set[bytes] = field(default_factory=set)  # tails found by the last lookup
+    tail_done: bool = False  # the prompt's tails are stored or handed to the worker
     claim: list[FragmentRef] = field(default_factory=list)  # the last lookup's result
     claimed_from: int = 0  # the local hit that lookup was asked about
     hit_tokens: int = 0
@@ -96,6 +113,10 @@ class SchedulerSide:
         self._requests: dict[str, _Request] = {}
         self._loads: list[LoadJob] = []
         self._stats = VUAConnectorStats()
+        # One per engine (not per worker): keeps the shared root under max_store_size.
+        self.gc = BackgroundGC(settings.root, settings.max_store_size) if settings.max_store_size else None
+        if self.gc is not None:
+            self.gc.start()
 
     def _tracked(self, request: Any) -> _Request | None:
         tracked = self._requests.get(request.request_id)
@@ -109,17 +130,20 @@ class SchedulerSide:
         return tracked
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        """Stored tokens beyond ``num_computed_tokens``: block-aligned, below the prompt length, fully persisted."""
+        """Stored tokens beyond ``num_computed_tokens``: fully persisted, and short of the whole prompt.
+
+        The claim may end inside a KV block (vLLM computes the rest of it) and always leaves the
+        last ``min_recompute_tokens`` prompt tokens to compute: vLLM needs the last one's logits,
+        and its kernels round a very small batch differently from a large one (see settings).
+        """
         tracked = self._tracked(request)
         if tracked is None or not self.switches.get_enabled:
             return 0, False
         found = find_stored_prefix(self.store, tracked.keys, self.block_size, self.cb, self.shards)
         tracked.claim, tracked.claimed_from = found, num_computed_tokens
         tracked.stored_chunks = sum(1 for f in found if f.anchor is None)
-        stored_tokens = sum(f.n_blocks for f in found) * self.block_size
-        # At least one prompt token is always computed: vLLM needs its logits.
-        cap = (len(tracked.keys.tokens) - 1) // self.block_size * self.block_size
-        hit = min(stored_tokens, cap)
+        tracked.stored_tails = {f.digest for f in found if f.anchor is not None}
+        hit = min(sum(len(f.tokens) for f in found), len(tracked.keys.tokens) - self.settings.min_recompute_tokens)
         return max(0, hit - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
@@ -128,9 +152,6 @@ class SchedulerSide:
             return
         prompt_len = len(tracked.keys.tokens)
         self._stats.add(requests=1, prompt_tokens=prompt_len, hit_tokens=num_external_tokens)
-        if tracked.claim and tracked.claim[-1].anchor is not None:
-            tail = tracked.claim[-1]
-            tracked.tail_stored = tail.start + tail.n_blocks * self.block_size == len(tracked.keys.digests) * self.block_size
         if num_external_tokens <= 0:
             return
         block_ids = allocated_block_ids(blocks)
@@ -180,18 +201,32 @@ class SchedulerSide:
             start = chunk * cb * block
             fragment = FragmentRef(digest, None, start, cb, keys.tokens[start : start + cb * block])
             saves.append(SaveJob(request_id, fragment, tracked.block_ids[chunk * cb : (chunk + 1) * cb]))
-        tail_blocks = n_blocks % cb
-        if tail_blocks and not tracked.tail_done and tracked.next_chunk == n_blocks // cb and computed >= n_blocks * block:
+        chunk = n_blocks // cb
+        if tracked.next_chunk == chunk and not tracked.tail_done and computed >= len(keys.tokens):
             tracked.tail_done = True
-            chunk = n_blocks // cb
-            anchor = keys.digests[chunk * cb - 1] if chunk else keys.seed
-            digest = keys.digests[-1]
-            if not tracked.tail_stored and not set(self.shards) <= self.store.tails(anchor).get(digest.hex(), set()):
-                start = chunk * cb * block
-                fragment = FragmentRef(digest, anchor, start, tail_blocks, keys.tokens[start : n_blocks * block])
-                saves.append(SaveJob(request_id, fragment, tracked.block_ids[chunk * cb : n_blocks]))
+            saves += self._tail_saves(request_id, tracked, chunk)
         tracked.saves += len(saves)
         return saves
+
+    def _tail_saves(self, request_id: str, tracked: _Request, chunk: int) -> list[SaveJob]:
+        """The prompt's end past its last full chunk: its full blocks as one tail and, when the prompt
+        ends inside a block, that block alone (keyed by the whole prompt), unless already stored."""
+        keys, block = tracked.keys, self.block_size
+        n_blocks = len(keys.digests)
+        anchor = keys.anchor(chunk, self.cb)
+        start = chunk * self.cb * block
+        pieces = []
+        if n_blocks > chunk * self.cb:
+            pieces.append(FragmentRef(keys.digests[-1], anchor, start, n_blocks - chunk * self.cb, keys.tokens[start : n_blocks * block]))
+        if keys.partial is not None:
+            pieces.append(FragmentRef(keys.partial, anchor, n_blocks * block, 1, keys.tokens[n_blocks * block :]))
+        pieces = [p for p in pieces if p.digest not in tracked.stored_tails]
+        listed = self.store.tails(anchor) if pieces else {}
+        return [
+            SaveJob(request_id, p, tracked.block_ids[p.start // block : p.start // block + p.n_blocks])
+            for p in pieces
+            if not set(self.shards) <= listed.get(p.digest.hex(), set())
+        ]
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         tracked = self._requests.pop(request.request_id, None)
@@ -210,3 +245,5 @@ class SchedulerSide:
 
     def shutdown(self) -> None:
         self._requests.clear()
+        if self.gc is not None:
+            self.gc.stop()

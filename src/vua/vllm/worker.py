@@ -36,6 +36,8 @@ __all__ = ["WorkerSide"]
 logger = logging.getLogger(__name__)
 
 _WARN_EVERY_S = 30.0
+# vLLM >= 0.32 presents each KV block as [kv_heads, tokens, head_size (K then V)].
+_TOKEN_DIM = 1
 
 
 @dataclass
@@ -247,8 +249,14 @@ class WorkerSide:
             self._staged_bytes += nbytes
         staged = []
         done: Any = None
+        ref = job.fragment
+        unused = ref.n_blocks * self.identity.block_size - len(ref.tokens)
         for layer, kv in self._layers.items():
             picked = kv.index_select(0, torch.tensor(job.block_ids, device=kv.device))
+            if unused:
+                # The prompt ends inside the last block: the slots past it hold whatever the block
+                # held before (another request's KV), which must not leave the engine.
+                picked[-1].narrow(_TOKEN_DIM, self.identity.block_size - unused, unused).zero_()
             if picked.is_cuda:
                 host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
                 host.copy_(picked, non_blocking=True)
