@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="local path or hub name (default: built-in random-weight Llama, 8 layers x 512)")
     parser.add_argument("--lengths", default="1024,2048,4096,8192", help="comma-separated prompt lengths in tokens")
     parser.add_argument("--requests", type=int, default=3, help="cold and warm requests per length (medians are reported)")
-    parser.add_argument("--chunk-size", type=int, default=128, help="VUA chunk_size; the KV block size (128) reuses the most")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="VUA chunk_size (a multiple of the KV block size, 128)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"which of {','.join(SYSTEMS)} to run")
     parser.add_argument("--root", help="storage root (default: a temporary directory, removed after)")
     parser.add_argument("--out", default="vua-bench", help="directory for bench.md, bench.json, bench.png")

@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default=os.environ.get("MODEL"), help="local path or hub name (default: built-in random-weight Llama)")
     parser.add_argument("--prompt-tokens", type=int, help="prompt length (default 4096; 512 with --quick)")
     parser.add_argument("--max-tokens", type=int, help="tokens generated and compared (default 16; 8 with --quick)")
-    parser.add_argument("--chunk-size", type=int, default=128, help="VUA chunk_size (a multiple of the KV block size, 128)")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="VUA chunk_size (a multiple of the KV block size, 128)")
     parser.add_argument("--quick", action="store_true", default=quick, help="tiny model and short prompt (also VUA_DEMO_QUICK=1)")
     parser.add_argument("--store", help="store root to use and keep (default: a temporary directory, removed after)")
     args = parser.parse_args(argv)
