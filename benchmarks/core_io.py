@@ -14,7 +14,7 @@ them alike:
 
 Prints a Markdown table of GB/s of KV payload (median and best run) and the ratio of medians. Run::
 
-    .venv/bin/python benchmarks/core_io.py [--tokens 4096 --layers 24 --kv-heads 8 --head-dim 128 --split-factor 256 --runs 7 --io-threads 8 --dir DIR]
+    .venv/bin/python benchmarks/core_io.py [--tokens 4096 --layers 24 --kv-heads 8 --head-dim 128 --split-factor 256 --runs 7 --io-threads N --dir DIR]
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--split-factor", type=int, default=256)
     parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--io-threads", type=int, default=8)
+    parser.add_argument("--io-threads", type=int, default=None, help="default: VUA's own (one per CPU, at most 8)")
     parser.add_argument("--dir", type=Path, default=None, help="scratch directory (default: a new one under $TMPDIR)")
     args = parser.parse_args()
     if args.tokens % args.split_factor:
@@ -179,7 +179,7 @@ def main() -> None:
     print(
         f"KV payload {work.payload / 1e6:.0f} MB: {args.layers} layers x 2 x [1, {args.kv_heads}, {args.tokens}, "
         f"{args.head_dim}] fp16, {work.groups} groups of {args.split_factor} tokens; {args.runs} runs; "
-        f"io_threads={args.io_threads}; {os.cpu_count()} CPUs; reads from a warm page cache\n"
+        f"io_threads={args.io_threads or 'default'}; {os.cpu_count()} CPUs; reads from a warm page cache\n"
     )
     rows = [
         ("put", "VUA.put (fsync)", "put_vua", "safetensors save_file + fsync", "put_st"),
