@@ -110,10 +110,6 @@ class Header:
     metadata: dict[str, str]
     entries: tuple[TensorEntry, ...]  # in data-section order
 
-    @property
-    def data_bytes(self) -> int:
-        return self.entries[-1].end if self.entries else 0
-
     def entry(self, name: str) -> TensorEntry:
         for e in self.entries:
             if e.name == name:

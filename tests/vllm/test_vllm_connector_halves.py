@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from vllm.v1.request import Request
 
-from vua.vllm.metadata import SCRATCH
 from vua.vllm.settings import DISABLE_GET, DISABLE_PUT
 
 from vllm_steps import BLOCK, CHUNK, LAYERS, Engine, expected_block, identity
