@@ -26,7 +26,7 @@ from .config import VUAConfig
 from .errors import KVCacheError, SplitFactorError, TokensError
 from .eviction import RecencyTouch
 from .keys import as_token_array, chained_digests, squeeze_batch
-from .serdes import dtype_name, torch_dtype
+from .serdes import dtype_name, host_bytes, torch_dtype
 from .store import Fragment, FragmentStore, TensorSource
 
 __all__ = ["VUA", "VUAConfig", "ClosestKV", "SplitFactorError"]
@@ -62,11 +62,6 @@ def _legacy_layers(kvcache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
             raise KVCacheError(f"kvcache layer {index} must be a (keys, values) pair of tensors")
         layers.append((pair[0], pair[1]))
     return layers
-
-
-def _host_bytes(tensor: torch.Tensor) -> np.ndarray:
-    """A contiguous host tensor as a numpy uint8 array of shape ``[..., last_dim * itemsize]`` (zero-copy)."""
-    return tensor.view(torch.uint8).numpy()
 
 
 class VUA:
@@ -125,7 +120,7 @@ class VUA:
                 "trim it with VUAConfig.trim_to_split_factor()"
             )
         layers = self._checked_layers(kvcache, len(rows), length)
-        host = [(_host_bytes(k), _host_bytes(v)) for k, v in layers]
+        host = [(host_bytes(k), host_bytes(v)) for k, v in layers]
         jobs = []
         for row, row_tokens in enumerate(rows):
             for group, digest in enumerate(chained_digests(row_tokens, self.split_factor, self.store.namespace.seed)):
@@ -215,7 +210,7 @@ class VUA:
 
     def _read_prefix(self, fragments: list[Fragment], outputs: list[tuple[torch.Tensor, torch.Tensor]], query: np.ndarray) -> int:
         """Read every fragment into its slice of ``outputs``; the number of leading groups read intact."""
-        host = [(_host_bytes(k), _host_bytes(v)) for k, v in outputs]
+        host = [(host_bytes(k), host_bytes(v)) for k, v in outputs]
 
         def read(group: int) -> bool:
             begin, end = group * self.split_factor, (group + 1) * self.split_factor

@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .errors import FragmentFormatError
@@ -29,6 +30,7 @@ __all__ = [
     "encode_header",
     "decode_header_length",
     "decode_header",
+    "host_bytes",
     "tensor_bytes_view",
     "tensor_to_bytes",
     "bytes_to_tensor",
@@ -214,6 +216,12 @@ def decode_header(prefix: bytes | memoryview, file_size: int) -> Header:
             f"data section holds {file_size - data_start} bytes but the tensors cover {position}"
         )
     return Header(data_start, metadata, tuple(entries))
+
+
+def host_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A host tensor contiguous in its last dim as a numpy uint8 array ``[..., last_dim * itemsize]``
+    (zero-copy; bf16 and fp8 included), so that slices of it can be I/O buffers."""
+    return tensor.view(torch.uint8).numpy()
 
 
 def tensor_bytes_view(tensor: torch.Tensor) -> memoryview:

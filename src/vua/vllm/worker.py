@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import VUAError
-from ..serdes import dtype_name
+from ..serdes import dtype_name, host_bytes
 from ..store import Fragment, FragmentStore, TensorSource
 from .metadata import SCRATCH, FragmentRef, LoadJob, SaveJob, StoreIdentity
 from .settings import ConnectorSettings
@@ -56,11 +56,6 @@ class _StepLoads:
     fragments: list[_OpenFragment] = field(default_factory=list)
     by_layer: dict[str, list[Future]] = field(default_factory=dict)
     failed_blocks: set[int] = field(default_factory=set)
-
-
-def _host_bytes(tensor: torch.Tensor) -> Any:
-    """A contiguous host tensor's bytes as a numpy uint8 array (zero-copy)."""
-    return tensor.view(torch.uint8).numpy()
 
 
 class WorkerSide:
@@ -106,7 +101,7 @@ class WorkerSide:
                 return
             self._layers[name] = tensor
             if not tensor.is_cuda:
-                self._host_blocks[name] = _host_bytes(tensor).reshape(tensor.shape[0], -1)
+                self._host_blocks[name] = host_bytes(tensor).reshape(tensor.shape[0], -1)
 
     @property
     def _block_bytes(self) -> int:
@@ -178,10 +173,10 @@ class WorkerSide:
                 targets = [kv[b] if b != SCRATCH else torch.empty_like(kv[0]) for b in ids]
             else:
                 rows = self._host_blocks[layer]
-                targets = [rows[b] if b != SCRATCH else _host_bytes(torch.empty_like(kv[0])) for b in ids]
+                targets = [rows[b] if b != SCRATCH else host_bytes(torch.empty_like(kv[0])) for b in ids]
             return self.store.read(opened.fragment, [(layer, targets)], tokens)
         staging = torch.empty((len(ids), *kv.shape[1:]), dtype=kv.dtype, pin_memory=True)
-        if not self.store.read(opened.fragment, [(layer, [_host_bytes(staging)])], tokens):
+        if not self.store.read(opened.fragment, [(layer, [host_bytes(staging)])], tokens):
             return False
         wanted = [j for j, b in enumerate(ids) if b != SCRATCH]
         source = staging if len(wanted) == len(ids) else staging[wanted]
@@ -272,7 +267,7 @@ class WorkerSide:
             if done is not None:
                 done.synchronize()
             started = time.monotonic()
-            tensors = [TensorSource(layer, dtype_name(t.dtype), tuple(t.shape), [_host_bytes(t)]) for layer, t in staged]
+            tensors = [TensorSource(layer, dtype_name(t.dtype), tuple(t.shape), [host_bytes(t)]) for layer, t in staged]
             ref = job.fragment
             written = self.store.write(ref.path(self.store.layout, self.shard), ref.digest, ref.tokens, tensors, start=ref.start)
             if written:
