@@ -54,9 +54,9 @@ def test_serve_vllm_second_request_loads_from_the_store() -> None:
     assert first and second, done.stdout
     assert first.group(1) == second.group(1) == "1000"
     assert first.group(2) == "0"
-    # Everything but the last min_recompute_tokens (32): three 256-token chunks, a 128-token
-    # tail and most of the last, partial 104-token block.
-    assert second.group(2) == "968"
+    # Every whole 128-token KV block before the last prompt token: three 256-token chunks and
+    # the 128-token tail after them.
+    assert second.group(2) == "896"
     assert "same completion both times: yes" in done.stdout
 
 

@@ -101,15 +101,15 @@ def engine_options(model: str, max_prompt_tokens: int, max_tokens: int, block_si
     }
 
 
-def vua_connector(root: str | os.PathLike[str], chunk_size: int) -> dict[str, Any]:
-    """``KVTransferConfig`` keywords for VUA's V1 connector on ``root``."""
+def vua_connector(root: str | os.PathLike[str], chunk_size: int, **settings: Any) -> dict[str, Any]:
+    """``KVTransferConfig`` keywords for VUA's V1 connector on ``root`` (``settings``: more connector keys)."""
     return {
         "kv_connector": "VUAStorageConnector_V1",
         "kv_connector_module_path": "vua.vllm.kv_connector_v1",
         "kv_role": "kv_both",
         # A fragment that cannot be read is recomputed rather than failing its request.
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"shared_storage_path": str(root), "chunk_size": chunk_size},
+        "kv_connector_extra_config": {"shared_storage_path": str(root), "chunk_size": chunk_size, **settings},
     }
 
 

@@ -72,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", default="1024,2048,4096,8192", help="comma-separated prompt lengths in tokens")
     parser.add_argument("--requests", type=int, default=3, help="cold and warm requests per length (medians are reported)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="VUA chunk_size (a multiple of the KV block size, 128)")
+    parser.add_argument(
+        "--claim-into-last-block", action="store_true",
+        help="VUA with claim_whole_blocks false: load all but the last prompt token (faster, not bit-exact)",
+    )
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"which of {','.join(SYSTEMS)} to run")
     parser.add_argument("--root", help="storage root (default: a temporary directory, removed after)")
     parser.add_argument("--out", default="vua-bench", help="directory for bench.md, bench.json, bench.png")
@@ -258,7 +262,9 @@ def run(args: argparse.Namespace) -> int:
     connectors = {
         "recompute": None,
         "example": example_connector(root / "example"),
-        "vua": vua_connector(root / "vua", args.chunk_size),
+        "vua": vua_connector(
+            root / "vua", args.chunk_size, **({"claim_whole_blocks": False} if args.claim_into_last_block else {})
+        ),
     }
     env = cpu_engine_env()
     print(f"vua bench: model {model}; lengths {lengths}; {args.requests} requests each; systems {systems}", flush=True)
@@ -278,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
     bytes_per_token = kv_bytes_per_token(model)
     header = (
         f"Model {Path(model).name} ({bytes_per_token // 1024} KiB of KV per token); {_machine()}; "
-        f"{args.requests} requests per length, medians; VUA chunk_size {args.chunk_size}; "
+        f"{args.requests} requests per length, medians; VUA chunk_size {args.chunk_size}"
+        f"{', claims into the last partial block' if args.claim_into_last_block else ', whole-block claims'}; "
         f"total {time.perf_counter() - began:.0f} s."
     )
     table = _markdown(cells, lengths)

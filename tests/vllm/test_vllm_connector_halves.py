@@ -85,6 +85,13 @@ def test_min_recompute_tokens_leaves_that_many_prompt_tokens_to_compute(stored: 
     assert_loaded(engine, P, result["block_ids"], 15)
 
 
+def test_whole_block_claims_end_on_a_block_boundary_and_store_no_partial_block(tmp_path: Path) -> None:
+    engine = Engine(tmp_path, claim_whole_blocks="true")
+    saved = engine.run("p", P)["saves"]
+    assert [(s.fragment.start, s.fragment.n_blocks) for s in saved] == [(0, 4), (16, 4), (32, 4), (48, 2)]
+    assert Engine(tmp_path, claim_whole_blocks="true").run("p2", P)["hit"] == 56
+
+
 def test_a_prompt_ending_one_token_into_a_block_needs_no_partial_load(stored: Path) -> None:
     engine = Engine(stored)
     result = engine.run("p57", P[:57])
@@ -248,7 +255,9 @@ def test_loading_before_the_forward_pass(stored: Path) -> None:
     engine = Engine(stored, layerwise_load="false")
     block_ids = list(range(20, 35))
     engine.worker.start_load(engine.first_step("early", P, block_ids).loads)
-    assert_loaded(engine, P, block_ids, 15)  # no wait_for_layer_load needed
+    assert_loaded(engine, P, block_ids, 14)  # no wait_for_layer_load needed
+    for offset, layer in enumerate(LAYERS):  # and the claimed slot of the block the claim ends in
+        assert torch.equal(engine.block(layer, block_ids[14])[:, :1], (expected_block(P, 14) + offset)[:, :1])
     assert engine.worker.take_load_errors() == set()
     engine.close()
 
@@ -300,4 +309,26 @@ def test_max_store_size_runs_background_gc_on_the_scheduler_side(tmp_path: Path)
     assert reader.errors == set()
     engine.scheduler.shutdown()
     assert engine.scheduler.gc._thread is None
+    engine.close()
+
+
+def test_load_never_overwrites_the_slots_vllm_computes_in_the_same_step(stored: Path) -> None:
+    """vLLM writes the new tokens' KV (its kv-cache-update op) before an attention layer waits for
+    that layer's load, so the block the claim ends inside must only get its claimed slots."""
+    engine = Engine(stored, min_recompute_tokens=5)  # claim 53: 1 slot of block 13 claimed
+    block_ids = list(range(20, 35))
+    meta = engine.first_step("cut", P, block_ids, scheduled=5)
+    for layer in LAYERS:  # what the forward pass has already written for positions 53..57
+        engine.kv[layer][block_ids[13]].fill_(3)
+        engine.kv[layer][block_ids[14]].fill_(3)
+    engine.worker.start_load(meta.loads)
+    for layer in LAYERS:
+        engine.worker.wait_for_layer_load(layer)
+    assert engine.worker.take_load_errors() == set()
+    assert_loaded(engine, P, block_ids, 13)
+    for offset, layer in enumerate(LAYERS):
+        cut = engine.block(layer, block_ids[13])
+        assert torch.equal(cut[:, :1], (expected_block(P, 13) + offset)[:, :1])  # the claimed slot
+        assert torch.all(cut[:, 1:] == 3)  # vLLM's writes survive
+        assert torch.all(engine.block(layer, block_ids[14]) == 3)  # past the claim: untouched
     engine.close()

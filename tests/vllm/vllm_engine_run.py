@@ -31,7 +31,7 @@ def run_engine(model: Path, root: Path | None, prompts: list, timeout: float = 6
 
 def assert_same_output(got: dict, expected: dict, logprob_tolerance: float = 0.0) -> None:
     assert got["tokens"] == expected["tokens"]
-    # Loaded KV is bit-identical to computed KV, and at least min_recompute_tokens (32) run in the
-    # last batch, which vLLM's kernels compute exactly as in a long prefill: logprobs are equal.
+    # Loaded KV is bit-identical to computed KV, and with whole-block claims the rest of the
+    # prompt starts on a block boundary, as in a full prefill: logprobs are equal.
     assert all(abs(a - b) <= logprob_tolerance for a, b in zip(got["logprobs"], expected["logprobs"])), (
         got["logprobs"], expected["logprobs"])

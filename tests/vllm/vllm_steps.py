@@ -39,9 +39,9 @@ def identity(model: str = "tiny", **changes) -> StoreIdentity:
 
 
 def settings(root: Path, **extra) -> ConnectorSettings:
-    # Recompute only the last token, so that claims reach into the prompt's last, partial block.
+    # Claims reach into the prompt's last, partial block (recomputing only the last token).
     config = {"shared_storage_path": str(root), "chunk_size": CHUNK, "durable": False, "io_threads": 2,
-              "min_recompute_tokens": 1, **extra}
+              "claim_whole_blocks": False, "min_recompute_tokens": 1, **extra}
     return ConnectorSettings.from_extra_config(config, block_size=BLOCK, max_num_batched_tokens=64)
 
 

@@ -92,11 +92,16 @@ class FragmentRef:
 
 @dataclass
 class LoadJob:
-    """Read ``fragments`` of one request; ``block_ids[i][j]`` receives block j of fragment i (or SCRATCH)."""
+    """Read ``fragments`` of one request; ``block_ids[i][j]`` receives block j of fragment i (or SCRATCH).
+
+    ``claimed_end`` is the position the claim ends at. A block it falls inside gets only its
+    slots before it: vLLM writes the rest in the same step, possibly before the load finishes.
+    """
 
     request_id: str
     fragments: list[FragmentRef]
     block_ids: list[list[int]]
+    claimed_end: int
 
 
 @dataclass

