@@ -18,7 +18,7 @@ from .errors import CorruptFragmentError
 from .keys import FORMAT_VERSION
 from .serdes import Header
 
-__all__ = ["TOKENS_TENSOR", "checksum", "fragment_metadata", "check_header", "check_tokens", "check_tensor"]
+__all__ = ["TOKENS_TENSOR", "stored_start", "checksum", "fragment_metadata", "check_header", "check_tokens", "check_tensor"]
 
 TOKENS_TENSOR = "tokens"
 _FORMAT = "vua_format"
@@ -51,6 +51,12 @@ def fragment_metadata(
         }
     )
     return metadata
+
+
+def stored_start(header: Header) -> int | None:
+    """The position of the fragment's first token as its metadata records it, or None if unreadable."""
+    value = header.metadata.get(_START, "")
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 def check_header(header: Header, key: bytes) -> None:

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from .backends import ShortReadError
 from .errors import FragmentFormatError
-from .integrity import TOKENS_TENSOR, check_header, check_tensor
+from .integrity import TOKENS_TENSOR, check_header, check_tensor, stored_start
 from .layout import FRAGMENT_SUFFIX, STORE_DIR, TAILS_DIR, StoreLayout, check_root, is_temp_name
 from .store import read_header
 
@@ -180,8 +180,7 @@ def fragment_start(path: str | Path) -> int | None:
     except OSError:
         return None
     try:
-        value = read_header(fd, os.fstat(fd).st_size).metadata.get("vua_start", "")
-        return int(value) if value.isdigit() else None
+        return stored_start(read_header(fd, os.fstat(fd).st_size))
     except (OSError, FragmentFormatError):
         return None
     finally:
@@ -215,7 +214,7 @@ def check_fragment(fragment: StoredFile) -> str | None:
     try:
         header = read_header(fd, os.fstat(fd).st_size)
         check_header(header, bytes.fromhex(fragment.key))
-        if not header.metadata.get("vua_start", "").isdigit():
+        if stored_start(header) is None:
             return f"bad vua_start {header.metadata.get('vua_start')!r}"
         if header.entries[0].name != TOKENS_TENSOR:
             return "token ids are not the first tensor"

@@ -1,6 +1,6 @@
 """Run one vLLM engine (CPU build) over a list of prompts and print the results as JSON.
 
-Used by the engine tests and the benchmark as a separate process per engine, so every run
+Used by the engine tests as a separate process per engine, so every run
 starts from a cold vLLM (and the store is the only thing two runs share). Reads a JSON job
 from stdin:
 
@@ -29,16 +29,14 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
+    from vua._engine_runner import vua_connector
+
     kv_transfer = None
     if job.get("root"):
-        extra = {"shared_storage_path": job["root"], **job.get("extra", {})}
-        kv_transfer = KVTransferConfig(
-            kv_connector="VUAStorageConnector_V1",
-            kv_connector_module_path="vua.vllm.kv_connector_v1",
-            kv_role="kv_both",
-            kv_connector_extra_config=extra,
-            kv_load_failure_policy=job.get("policy", "recompute"),
-        )
+        extra = dict(job.get("extra", {}))
+        config = vua_connector(job["root"], extra.pop("chunk_size"), **extra)
+        config["kv_load_failure_policy"] = job.get("policy", "recompute")
+        kv_transfer = KVTransferConfig(**config)
     llm = LLM(
         model=job["model"],
         dtype="bfloat16",
