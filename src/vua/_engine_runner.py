@@ -107,8 +107,6 @@ def vua_connector(root: str | os.PathLike[str], chunk_size: int, **settings: Any
         "kv_connector": "VUAStorageConnector_V1",
         "kv_connector_module_path": "vua.vllm.kv_connector_v1",
         "kv_role": "kv_both",
-        # A fragment that cannot be read is recomputed rather than failing its request.
-        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"shared_storage_path": str(root), "chunk_size": chunk_size, **settings},
     }
 

@@ -156,13 +156,21 @@ class VUA:
         return self._get_one(tokens, device)
 
     def _get_one(self, tokens: Any, device: str | torch.device) -> ClosestKV | None:
-        query = as_token_array(squeeze_batch(tokens))
+        query = as_token_array(squeeze_batch(tokens))  # bad input raises here, before any I/O
+        target = torch.device(device)
+        try:
+            return self._load_closest(tokens, query, target)
+        except Exception:  # noqa: BLE001 - whatever storage holds, a lookup is a hit or a miss
+            logger.exception("VUA: get_closest failed; treating it as a miss")
+            return None
+
+    def _load_closest(self, tokens: Any, query: np.ndarray, device: torch.device) -> ClosestKV | None:
         digests = chained_digests(query, self.split_factor, self.store.namespace.seed)
         fragments = self._open_prefix(digests)
         if not fragments:
             return None
         try:
-            outputs = self._allocate(fragments, torch.device(device))
+            outputs = self._allocate(fragments, device)
             if outputs is None:
                 return None
             found = self._read_prefix(fragments, outputs, query)

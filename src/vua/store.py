@@ -46,11 +46,16 @@ HitHook = Callable[[int, os.stat_result], None]
 
 def read_header(fd: int, size: int) -> Header:
     """Read and decode the header of the open file ``fd`` of ``size`` bytes (one read when it is small)."""
+    return _read_head(fd, size)[0]
+
+
+def _read_head(fd: int, size: int) -> tuple[Header, bytes]:
+    """The header, and the bytes read from offset 0 to get it (often more: the data that follows)."""
     head = os.pread(fd, _FIRST_READ, 0)
     length = decode_header_length(head, size)
     if len(head) < 8 + length:
         head += os.pread(fd, 8 + length - len(head), len(head))
-    return decode_header(head, size)
+    return decode_header(head, size), head
 
 
 # Bytes per vectored read or write: small enough to still be in the CPU cache when checksummed.
@@ -237,8 +242,13 @@ class FragmentStore:
 
     # ---- reading ----
 
-    def open(self, path: Path, key: bytes) -> Fragment | None:
-        """Open and verify the header of the fragment at ``path``; None if it is missing or bad."""
+    def open(self, path: Path, key: bytes, tokens: np.ndarray | None = None) -> Fragment | None:
+        """Open and verify the header of the fragment at ``path``; None if it is missing or bad.
+
+        With ``tokens``, the stored token ids must equal them too, so that no byte of a fragment
+        stored for other tokens is ever read into a caller's memory. They follow the header, so
+        this usually costs no I/O beyond the header's own first read.
+        """
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -253,8 +263,10 @@ class FragmentStore:
             return None
         try:
             info = os.fstat(fd)
-            header = read_header(fd, info.st_size)
+            header, head = _read_head(fd, info.st_size)
             check_header(header, key)
+            if tokens is not None:
+                check_tokens(_stored_tokens(fd, header, head), tokens)
             if self.on_hit is not None:
                 self.on_hit(fd, info)
             return Fragment(path, OpenFile(fd, path, info.st_size), header)
@@ -320,6 +332,17 @@ class FragmentStore:
                 os.unlink(path)
             except OSError:
                 pass
+
+
+def _stored_tokens(fd: int, header: Header, head: bytes) -> np.ndarray:
+    entry = header.entry(TOKENS_TENSOR)
+    begin, end = header.data_start + entry.begin, header.data_start + entry.end
+    raw = head[begin:end] if end <= len(head) else os.pread(fd, end - begin, begin)
+    if len(raw) != end - begin:
+        raise ShortReadError(f"token ids: {len(raw)} of {end - begin} bytes")
+    stored = np.frombuffer(raw, dtype="<i8")
+    check_tensor(header, TOKENS_TENSOR, [raw])
+    return stored
 
 
 def _is_host(buffer: Any) -> bool:

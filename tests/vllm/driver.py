@@ -35,7 +35,8 @@ def main() -> None:
     if job.get("root"):
         extra = dict(job.get("extra", {}))
         config = vua_connector(job["root"], extra.pop("chunk_size"), **extra)
-        config["kv_load_failure_policy"] = job.get("policy", "recompute")
+        if job.get("policy"):  # unset: vLLM's default, which the connector turns into "recompute"
+            config["kv_load_failure_policy"] = job["policy"]
         kv_transfer = KVTransferConfig(**config)
     llm = LLM(
         model=job["model"],

@@ -131,7 +131,7 @@ def test_cache_salt_keeps_prefixes_apart(stored: Path) -> None:
     assert engine.run("salted2", P, salt="tenant-a")["hit"] == 57
 
 
-def test_corrupt_fragment_is_reported_and_removed(stored: Path) -> None:
+def test_corrupt_fragment_is_reported_removed_and_stored_again_by_the_recompute(stored: Path) -> None:
     second = [p for p in fragments(stored) if "tails" not in p.parts][1]
     with open(second, "r+b") as handle:  # flip the last bytes: the data of the last layer
         handle.seek(-8, os.SEEK_END)
@@ -142,10 +142,13 @@ def test_corrupt_fragment_is_reported_and_removed(stored: Path) -> None:
     broken = [i for i, f in enumerate(loads.fragments) if f.path(engine.worker.store.layout, "tp0") == second]
     assert len(broken) == 1
     assert engine.errors == set(loads.block_ids[broken[0]])
-    assert not second.exists()
-    # The next request computes that chunk again and stores it again.
-    assert Engine(stored).run("p3", P)["hit"] == broken[0] * CHUNK
-    assert Engine(stored).run("p4", P)["hit"] == 57
+    # The scheduler rewound what it thought stored: the recomputed chunk (and only it) is saved again.
+    saved = [s.fragment.start for s in result["saves"]]
+    assert saved == [broken[0] * CHUNK]
+    reader = Engine(stored)
+    again = reader.run("p4", P)
+    assert again["hit"] == 57 and reader.errors == set()
+    assert_loaded(reader, P, again["block_ids"], 15)
 
 
 def test_missing_fragment_between_lookup_and_load_reports_every_later_block(stored: Path) -> None:
@@ -153,7 +156,7 @@ def test_missing_fragment_between_lookup_and_load_reports_every_later_block(stor
     meta = engine.first_step("late", P, list(range(15)))
     meta.loads[0].fragments[1].path(engine.worker.store.layout, "tp0").unlink()  # gone before the worker reads it
     engine.worker.start_load(meta.loads)
-    engine.worker.wait_for_save(meta.saves)
+    engine.worker.wait_for_save(meta.saves, meta.failures_seen)
     assert engine.worker.take_load_errors() == set(range(4, 15))
     engine.close()
 
@@ -274,7 +277,7 @@ def test_request_resumed_after_preemption_saves_the_rest_from_its_new_blocks(tmp
     assert [s.block_ids for s in meta.saves] == [first_blocks[0:4]]
     for layer in LAYERS:
         engine.compute(P, first_blocks, 0, 20, layer)
-    engine.worker.wait_for_save(meta.saves)
+    engine.worker.wait_for_save(meta.saves, meta.failures_seen)
     engine.worker.flush()
     # Resumed: vLLM looks the prompt up again and hands out new blocks.
     request = Request("r", P, SamplingParams(max_tokens=1), None)

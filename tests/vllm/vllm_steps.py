@@ -96,8 +96,15 @@ class Engine:
             for layer in LAYERS:
                 self.worker.wait_for_layer_load(layer)
                 self.compute(tokens, block_ids, computed, computed + scheduled, layer)
-            self.worker.wait_for_save(meta.saves)
-            self.errors |= self.worker.take_load_errors()
+            self.worker.wait_for_save(meta.saves, meta.failures_seen)
+            invalid = self.worker.take_load_errors()
+            self.scheduler.update_connector_output(invalid)
+            self.errors |= invalid
+            if invalid:  # vLLM's recompute policy: back to the first failed block
+                failed_at = min(block_ids.index(b) for b in invalid)
+                computed = min(computed, failed_at * BLOCK)
+                first = False
+                continue
             computed += scheduled
             first = False
         self.worker.flush()
@@ -112,7 +119,17 @@ class Engine:
         self.scheduler.update_state_after_alloc(request, KVCacheBlocks(([KVCacheBlock(b) for b in block_ids],)), hit)
         output = SchedulerOutput.make_empty()
         output.scheduled_new_reqs = [NewRequestData.from_request(request, (block_ids,))]
+        output.scheduled_new_reqs[0].num_computed_tokens = hit
         output.num_scheduled_tokens = {request_id: scheduled}
+        return self.scheduler.build_connector_meta(output)
+
+    def next_step(self, request_id: str, computed: int, scheduled: int):
+        """Schedule a running request for one more step; the connector metadata of that step."""
+        output = SchedulerOutput.make_empty()
+        output.num_scheduled_tokens = {request_id: scheduled}
+        output.scheduled_cached_reqs = CachedRequestData(
+            req_ids=[request_id], resumed_req_ids=set(), new_token_ids=[], all_token_ids={},
+            new_block_ids=[None], num_computed_tokens=[computed], num_output_tokens=[0])
         return self.scheduler.build_connector_meta(output)
 
     def compute(self, tokens: list[int], block_ids: list[int], begin: int, end: int, layer: str) -> None:

@@ -12,6 +12,8 @@ import inspect
 import os
 from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
+import torch
+
 from ..errors import ConfigError
 from ..serdes import dtype_name
 
@@ -35,7 +37,9 @@ __all__ = [
     "store_identity",
     "kv_block_size",
     "parallel_ranks",
-    "load_failure_policy",
+    "recompute_failed_loads",
+    "any_rank_failed",
+    "KV_TOKEN_DIM",
     "prepare_cli",
     "route_logs_like_vllm",
 ]
@@ -172,8 +176,43 @@ def parallel_ranks() -> tuple[int, int]:
     return get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
 
 
-def load_failure_policy(vllm_config: "VllmConfig") -> str:
-    return getattr(vllm_config.kv_transfer_config, "kv_load_failure_policy", "recompute")
+def recompute_failed_loads(vllm_config: "VllmConfig") -> str | None:
+    """Make vLLM recompute KV blocks whose load failed, rather than fail their request.
+
+    vLLM reads ``kv_load_failure_policy`` right after building the scheduler's connector, and its
+    default is ``fail``. A store is a cache: a bad file must cost a recompute, never a request.
+    vLLM's config cannot tell an explicit ``fail`` from its default, so VUA always recomputes.
+    Returns the policy replaced, or None if it was already ``recompute``.
+    """
+    config = vllm_config.kv_transfer_config
+    previous = getattr(config, "kv_load_failure_policy", "recompute")
+    if previous == "recompute":
+        return None
+    config.kv_load_failure_policy = "recompute"
+    return str(previous)
+
+
+def any_rank_failed(failed: list[bool]) -> list[bool]:
+    """Element-wise OR of ``failed`` over every worker of this engine (its TP and PP ranks).
+
+    Every worker gets the same load jobs, so the lists line up. KV computed on one rank mixes
+    every rank's attention output, so a load that failed on any rank poisons all of them.
+    """
+    from vllm.distributed.parallel_state import get_pp_group, get_tp_group, model_parallel_is_initialized
+
+    if not model_parallel_is_initialized():  # the connector halves driven without an engine
+        return failed
+    flags = None
+    for group in (get_tp_group(), get_pp_group()):
+        if group.world_size > 1:
+            if flags is None:
+                flags = torch.tensor(failed, dtype=torch.uint8)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group.cpu_group)
+    return failed if flags is None else [bool(f) for f in flags.tolist()]
+
+
+# vLLM >= 0.32 presents each KV block as [kv_heads, tokens, head_size (K then V)].
+KV_TOKEN_DIM = 1
 
 
 # ---- the command line (bin/vua-vllm) ----

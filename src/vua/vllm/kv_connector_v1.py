@@ -3,7 +3,6 @@
 Use::
 
     vllm serve <model> --kv-transfer-config '{"kv_connector": "VUAStorageConnector_V1", "kv_role": "kv_both",
-        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"shared_storage_path": "/mnt/shared"}}'
 
 (the ``vllm.general_plugins`` entry point registers the name in every vLLM process; or add
@@ -26,7 +25,7 @@ from ._compat import (
     KVConnectorRole,
     init_base,
     kv_block_size,
-    load_failure_policy,
+    recompute_failed_loads,
     parallel_ranks,
     route_logs_like_vllm,
     store_identity,
@@ -58,12 +57,10 @@ class VUAStorageConnector_V1(KVConnectorBase_V1):
         namespace = identity.namespace()
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(settings, identity, FragmentStore(settings.root, namespace, backend="posix"))
-            if load_failure_policy(vllm_config) != "recompute":
-                logger.warning(
-                    "VUA: kv_load_failure_policy is %r: a fragment that fails to load fails its request. "
-                    "Set \"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config (bin/vua-vllm does).",
-                    load_failure_policy(vllm_config),
-                )
+            replaced = recompute_failed_loads(vllm_config)
+            if replaced is not None:
+                logger.info("VUA: kv_load_failure_policy %r -> 'recompute': a fragment that fails to load is "
+                            "recomputed, never a failed request", replaced)
             logger.info("VUA: store %s, namespace %s, chunks of %d tokens", settings.root, namespace.name, settings.chunk_size)
         else:
             store = FragmentStore(
@@ -91,6 +88,9 @@ class VUAStorageConnector_V1(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: Any) -> VUAConnectorMetadata:
         return self._scheduler.build_connector_meta(scheduler_output)
 
+    def update_connector_output(self, connector_output: Any) -> None:
+        self._scheduler.update_connector_output(connector_output.invalid_block_ids or set())
+
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         return self._scheduler.request_finished(request, block_ids)
 
@@ -109,7 +109,8 @@ class VUAStorageConnector_V1(KVConnectorBase_V1):
         pass  # blocks are copied out once the whole forward pass is done (wait_for_save)
 
     def wait_for_save(self) -> None:
-        self._worker.wait_for_save(self._bound().saves)
+        meta = self._bound()
+        self._worker.wait_for_save(meta.saves, meta.failures_seen)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors()

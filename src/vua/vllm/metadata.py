@@ -106,14 +106,24 @@ class LoadJob:
 
 @dataclass
 class SaveJob:
-    """Store the blocks ``block_ids`` (all computed by the end of this step) as ``fragment``."""
+    """Store the blocks ``block_ids`` (all computed by the end of this step) as ``fragment``.
+
+    ``depends_on`` is every block of the request up to the fragment's end: the KV attention read
+    to compute it. A block that failed to load poisons every save that depends on it.
+    """
 
     request_id: str
     fragment: FragmentRef
     block_ids: list[int]
+    depends_on: list[int]
 
 
 @dataclass
 class VUAConnectorMetadata(KVConnectorMetadata):
+    """One step's jobs. ``failures_seen`` counts the load-failure reports (steps whose
+    ``invalid_block_ids`` were not empty) the scheduler had processed when it planned the step:
+    the worker keeps dropping saves that depend on a failed block until then."""
+
     loads: list[LoadJob] = field(default_factory=list)
     saves: list[SaveJob] = field(default_factory=list)
+    failures_seen: int = 0

@@ -100,6 +100,18 @@ class _Request:
     hit_tokens: int = 0
     saves: int = 0
 
+    def rewind(self, chunk: int) -> None:
+        """Forget what was planned or found from ``chunk`` on: its KV is being recomputed."""
+        self.next_chunk = min(self.next_chunk, chunk)
+        self.stored_chunks = min(self.stored_chunks, chunk)
+        self.stored_tails = set()
+        self.tail_done = False
+
+    def save_job(self, request_id: str, fragment: FragmentRef, block_size: int) -> SaveJob:
+        first = fragment.start // block_size
+        end = first + fragment.n_blocks
+        return SaveJob(request_id, fragment, self.block_ids[first:end], self.block_ids[:end])
+
 
 class SchedulerSide:
     def __init__(self, settings: ConnectorSettings, identity: StoreIdentity, store: FragmentStore) -> None:
@@ -113,6 +125,7 @@ class SchedulerSide:
         self._requests: dict[str, _Request] = {}
         self._loads: list[LoadJob] = []
         self._stats = VUAConnectorStats()
+        self._failures_seen = 0
         # One per engine (not per worker): keeps the shared root under max_store_size.
         self.gc = BackgroundGC(settings.root, settings.max_store_size) if settings.max_store_size else None
         if self.gc is not None:
@@ -174,7 +187,7 @@ class SchedulerSide:
         )
 
     def build_connector_meta(self, scheduler_output: Any) -> VUAConnectorMetadata:
-        meta = VUAConnectorMetadata(loads=self._loads)
+        meta = VUAConnectorMetadata(loads=self._loads, failures_seen=self._failures_seen)
         self._loads = []
         saving = self.switches.put_enabled
         for step in scheduled_requests(scheduler_output):
@@ -202,7 +215,7 @@ class SchedulerSide:
                 continue
             start = chunk * cb * block
             fragment = FragmentRef(digest, None, start, cb, keys.tokens[start : start + cb * block])
-            saves.append(SaveJob(request_id, fragment, tracked.block_ids[chunk * cb : (chunk + 1) * cb]))
+            saves.append(tracked.save_job(request_id, fragment, block))
         chunk = n_blocks // cb
         if tracked.next_chunk == chunk and not tracked.tail_done and computed >= len(keys.tokens):
             tracked.tail_done = True
@@ -225,10 +238,23 @@ class SchedulerSide:
         pieces = [p for p in pieces if p.digest not in tracked.stored_tails]
         listed = self.store.tails(anchor) if pieces else {}
         return [
-            SaveJob(request_id, p, tracked.block_ids[p.start // block : p.start // block + p.n_blocks])
+            tracked.save_job(request_id, p, block)
             for p in pieces
             if not set(self.shards) <= listed.get(p.digest.hex(), set())
         ]
+
+    def update_connector_output(self, invalid_block_ids: set[int]) -> None:
+        """After a step: blocks that failed to load (on any worker) are recomputed by vLLM, so every
+        request holding one saves again from the chunk it lies in."""
+        if not invalid_block_ids:
+            return
+        self._failures_seen += 1
+        for request_id, tracked in self._requests.items():
+            first = next((i for i, b in enumerate(tracked.block_ids) if b in invalid_block_ids), None)
+            if first is not None:
+                tracked.rewind(first // self.cb)
+                logger.info("VUA: request %s: KV from block %d on failed to load; it is recomputed and saved again",
+                            request_id, first)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         tracked = self._requests.pop(request.request_id, None)

@@ -26,6 +26,8 @@ COUNTERS = (
     "save_seconds",  # summed time of background writes
     "save_errors",  # writes the filesystem refused (full, read-only...)
     "saves_skipped",  # saves dropped because staging memory was full
+    "saves_poisoned",  # saves dropped because they were computed over KV that failed to load
+    "internal_errors",  # bugs caught in the worker (logged with a traceback): a recompute, not a crash
 )
 
 
@@ -63,6 +65,8 @@ class VUAConnectorStats(KVConnectorStats):
             "Load errors": d["load_errors"],
             "Save errors": d["save_errors"],
             "Saves skipped": d["saves_skipped"],
+            "Saves dropped after a failed load": d["saves_poisoned"],
+            "Internal errors": d["internal_errors"],
         }
 
     def snapshot(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 from ..errors import VUAError
 from ..serdes import dtype_name, host_bytes
 from ..store import Fragment, FragmentStore, TensorSource
+from ._compat import KV_TOKEN_DIM, any_rank_failed
 from .metadata import SCRATCH, FragmentRef, LoadJob, SaveJob, StoreIdentity
 from .settings import ConnectorSettings
 from .stats import VUAConnectorStats
@@ -36,8 +37,6 @@ __all__ = ["WorkerSide"]
 logger = logging.getLogger(__name__)
 
 _WARN_EVERY_S = 30.0
-# vLLM >= 0.32 presents each KV block as [kv_heads, tokens, head_size (K then V)].
-_TOKEN_DIM = 1
 
 
 @dataclass
@@ -45,9 +44,10 @@ class _OpenFragment:
     request_id: str
     ref: FragmentRef
     block_ids: list[int]
-    fragment: Fragment
+    fragment: Fragment | None  # None: missing, unreadable, or after such a piece
     cut: tuple[int, int] | None = None  # (block j, slots kept): the block the claim ends inside
     failed: bool = False
+    internal_error: bool = False  # failed by a bug of ours, not by storage
 
 
 @dataclass
@@ -75,6 +75,8 @@ class WorkerSide:
         self._lock = threading.Lock()
         self._step: _StepLoads | None = None
         self._load_errors: set[int] = set()
+        self._reports = 0  # calls of take_load_errors that reported failed blocks
+        self._poisoned: list[tuple[int, set[int]]] = []  # (report number, blocks) not yet seen by the scheduler
         self._staged_bytes = 0
         self._stats = VUAConnectorStats()
         self.totals = VUAConnectorStats()  # since start-up, for tests and benchmarks
@@ -115,30 +117,24 @@ class WorkerSide:
     # ---- loads ----
 
     def start_load(self, jobs: list[LoadJob]) -> None:
-        """Open every fragment of this step (verifying headers) and queue its layer reads, first layer first."""
+        """Open every fragment of this step (verifying headers and token ids) and queue its layer
+        reads, first layer first."""
         if not jobs:
             return
         step = self._step = _StepLoads(time.monotonic())
-        if not self._layers:
-            step.failed_blocks.update(b for job in jobs for ids in job.block_ids for b in ids if b != SCRATCH)
-            return
         for job in jobs:
-            broken = False
+            broken = not self._layers
             for ref, ids in zip(job.fragments, job.block_ids):
-                fragment = None if broken else self.store.open(ref.path(self.store.layout, self.shard), ref.digest)
+                fragment = None if broken else self.store.open(ref.path(self.store.layout, self.shard), ref.digest, ref.tokens)
                 if fragment is not None and not self._fits(fragment, ref):
                     fragment.close()
                     fragment = None
-                if fragment is None:
-                    # Everything after a missing piece is unusable too: report it all.
-                    broken = True
-                    step.failed_blocks.update(b for b in ids if b != SCRATCH)
-                    continue
+                # Everything after a missing piece is unusable too: it fails with it.
+                broken = broken or fragment is None
                 step.fragments.append(_OpenFragment(job.request_id, ref, ids, fragment, self._cut(ref, job.claimed_end)))
-        for index, layer in enumerate(self._layers):
-            step.by_layer[layer] = [
-                self._readers.submit(self._read_layer, step, opened, layer, index == 0) for opened in step.fragments
-            ]
+        readable = [opened for opened in step.fragments if opened.fragment is not None]
+        for layer in self._layers:
+            step.by_layer[layer] = [self._readers.submit(self._read_layer, step, opened, layer) for opened in readable]
         if not self.settings.layerwise_load:
             for layer in self._layers:
                 self.wait_for_layer_load(layer)
@@ -163,96 +159,145 @@ class WorkerSide:
             return False
         return True
 
-    def _read_layer(self, step: _StepLoads, opened: _OpenFragment, layer: str, verify_tokens: bool) -> None:
-        """Read one layer of one fragment into its blocks; a failure marks the fragment (never raises)."""
+    def _read_layer(self, step: _StepLoads, opened: _OpenFragment, layer: str) -> None:
+        """Read one layer of one fragment into its blocks. Never raises: a failure marks the fragment,
+        and whatever the failed read put in the paged blocks is zeroed before the layer may run."""
+        if opened.failed:
+            return  # another layer of it already failed: its blocks are recomputed anyway
         try:
-            if not self._read_layer_into_blocks(opened, layer, verify_tokens):
-                opened.failed = True
-        except Exception as exc:  # noqa: BLE001 - a worker thread must not take the engine down
-            self._warn("read", "VUA: load of %s failed: %r", opened.fragment.path, exc)
+            kv = self._layers[layer]
+            loaded = self._read_via_pinned(opened, layer) if kv.is_cuda and not self._use_gds(kv) else self._read_in_place(opened, layer)
+        except Exception:  # noqa: BLE001 - a bug here must cost a recompute, not the engine
+            logger.exception("VUA: internal error loading %s (layer %s); the blocks are recomputed", opened.fragment.path, layer)
+            self._count(internal_errors=1)
+            opened.internal_error = True
+            loaded = False
+        if not loaded:
             opened.failed = True
+            self._scrub(opened, layer)
         step.finished = max(step.finished, time.monotonic())
 
-    def _read_layer_into_blocks(self, opened: _OpenFragment, layer: str, verify_tokens: bool) -> bool:
+    def _read_in_place(self, opened: _OpenFragment, layer: str) -> bool:
+        """Read straight into the paged blocks (host memory, or device memory through GDS), except
+        blocks nobody wants and the block the claim ends inside: vLLM's own KV write for the rest
+        of that block may already have happened, so it is read aside and patched."""
         kv = self._layers[layer]
-        tokens = opened.ref.tokens if verify_tokens else None
         ids = opened.block_ids
-        cut_block, kept = opened.cut if opened.cut is not None else (-1, 0)
-        if kv.is_cuda and not self._use_gds(kv):
-            staging = torch.empty((len(ids), *kv.shape[1:]), dtype=kv.dtype, pin_memory=True)
-            if not self.store.read(opened.fragment, [(layer, [host_bytes(staging)])], tokens):
-                return False
-            whole = [j for j, b in enumerate(ids) if b != SCRATCH and j != cut_block]
-            if whole:
-                destination = torch.tensor([ids[j] for j in whole], device=kv.device)
-                kv.index_copy_(0, destination, staging[whole].to(kv.device, non_blocking=True))
-            staged = {cut_block: staging[cut_block]} if opened.cut else {}
+        cut_block = opened.cut[0] if opened.cut is not None else -1
+        aside = {j: torch.empty_like(kv[0]) for j, b in enumerate(ids) if b == SCRATCH or j == cut_block}
+        if kv.is_cuda:
+            targets = [aside[j] if j in aside else kv[b] for j, b in enumerate(ids)]
         else:
-            # In place, except blocks nobody wants and the block the claim ends inside: vLLM's own
-            # KV write for the rest of that block may already have happened, so it is read aside.
-            staged = {j: torch.empty_like(kv[0]) for j, b in enumerate(ids) if b == SCRATCH or j == cut_block}
-            targets = [
-                (staged[j] if kv.is_cuda else host_bytes(staged[j]))
-                if j in staged
-                else (kv[b] if kv.is_cuda else self._host_blocks[layer][b])
-                for j, b in enumerate(ids)
-            ]
-            if not self.store.read(opened.fragment, [(layer, targets)], tokens):
-                return False
-        if opened.cut is not None and ids[cut_block] != SCRATCH:
-            source = staged[cut_block].narrow(_TOKEN_DIM, 0, kept)
-            kv[ids[cut_block]].narrow(_TOKEN_DIM, 0, kept).copy_(source.to(kv.device, non_blocking=True))
+            targets = [host_bytes(aside[j]) if j in aside else self._host_blocks[layer][b] for j, b in enumerate(ids)]
+        if not self.store.read(opened.fragment, [(layer, targets)], None):
+            return False
+        if opened.cut is not None:
+            self._patch_cut_block(opened, kv, aside[cut_block])
         if kv.is_cuda:
             torch.cuda.current_stream(kv.device).synchronize()
         return True
+
+    def _read_via_pinned(self, opened: _OpenFragment, layer: str) -> bool:
+        """CUDA without GDS: read and verify in pinned host memory, then copy up what is wanted."""
+        kv = self._layers[layer]
+        ids = opened.block_ids
+        staging = torch.empty((len(ids), *kv.shape[1:]), dtype=kv.dtype, pin_memory=True)
+        if not self.store.read(opened.fragment, [(layer, [host_bytes(staging)])], None):
+            return False
+        cut_block = opened.cut[0] if opened.cut is not None else -1
+        whole = [j for j, b in enumerate(ids) if b != SCRATCH and j != cut_block]
+        if whole:
+            destination = torch.tensor([ids[j] for j in whole], device=kv.device)
+            kv.index_copy_(0, destination, staging[whole].to(kv.device, non_blocking=True))
+        if opened.cut is not None:
+            self._patch_cut_block(opened, kv, staging[cut_block])
+        torch.cuda.current_stream(kv.device).synchronize()
+        return True
+
+    def _patch_cut_block(self, opened: _OpenFragment, kv: torch.Tensor, block: torch.Tensor) -> None:
+        """Copy only the claimed slots of the block the claim ends inside."""
+        assert opened.cut is not None
+        j, kept = opened.cut
+        if opened.block_ids[j] != SCRATCH:
+            source = block.narrow(KV_TOKEN_DIM, 0, kept)
+            kv[opened.block_ids[j]].narrow(KV_TOKEN_DIM, 0, kept).copy_(source.to(kv.device, non_blocking=True))
+
+    def _scrub(self, opened: _OpenFragment, layer: str) -> None:
+        """Zero the blocks a failed in-place read may have filled: bytes that failed verification
+        must never reach attention, not even in the step that is thrown away."""
+        kv = self._layers[layer]
+        cut_block = opened.cut[0] if opened.cut is not None else -1
+        for j, b in enumerate(opened.block_ids):
+            if b != SCRATCH and j != cut_block:
+                kv[b].zero_()
 
     def wait_for_layer_load(self, layer: str) -> None:
         if self._step is not None:
             for future in self._step.by_layer.pop(layer, []):
                 future.result()
 
-    def _finish_loads(self) -> None:
-        """Wait for every read of the step, close its files, turn failures into reported blocks."""
+    def _finish_loads(self, agree: bool = True) -> None:
+        """Wait for every read of the step, close its files, and settle with every other worker of
+        the engine which fragments failed: a fragment that failed on any rank fails on all."""
         step, self._step = self._step, None
         if step is None:
             return
         for futures in step.by_layer.values():
             for future in futures:
                 future.result()
+        failed_here = [opened.fragment is None or opened.failed for opened in step.fragments]
+        failed = any_rank_failed(failed_here) if agree else failed_here
+        failed_blocks: set[int] = set()
         loaded_bytes = 0
         per_request: dict[str, int] = {}
-        for opened in step.fragments:
-            opened.fragment.close()
-            if opened.failed:
-                step.failed_blocks.update(b for b in opened.block_ids if b != SCRATCH)
+        for opened, bad in zip(step.fragments, failed):
+            if opened.fragment is not None:
+                opened.fragment.close()
+            if bad:
+                failed_blocks.update(b for b in opened.block_ids if b != SCRATCH)
             else:
                 loaded_bytes += sum(e.nbytes for e in opened.fragment.tensor_entries() if e.name in self._layers)
                 per_request[opened.request_id] = per_request.get(opened.request_id, 0) + 1
         seconds = max(step.finished, step.started) - step.started
-        failed = sum(1 for o in step.fragments if o.failed)
-        self._count(loaded_fragments=len(step.fragments) - failed, loaded_bytes=loaded_bytes, load_seconds=seconds,
-                    load_errors=failed)
-        self._load_errors |= step.failed_blocks
-        if step.failed_blocks:
-            logger.warning("VUA: %d KV block(s) failed to load; vLLM recomputes them", len(step.failed_blocks))
-        logger.debug("VUA: loaded %d fragment(s) for %s, %.1f MB in %.4f s", len(step.fragments) - failed,
+        errors = sum(bad and not opened.internal_error for bad, opened in zip(failed_here, step.fragments))
+        self._count(loaded_fragments=len(step.fragments) - sum(failed), loaded_bytes=loaded_bytes,
+                    load_seconds=seconds, load_errors=errors)
+        if failed_blocks:
+            self._load_errors |= failed_blocks
+            # Reported with the next call for load errors, which is the scheduler's report number:
+            self._poisoned.append((self._reports + 1, failed_blocks))
+            logger.warning("VUA: %d KV block(s) failed to load (%d of %d fragment(s) failed on this rank); "
+                           "vLLM recomputes them", len(failed_blocks), sum(failed_here), sum(failed))
+        logger.debug("VUA: loaded %d fragment(s) for %s, %.1f MB in %.4f s", len(step.fragments) - sum(failed),
                      per_request, loaded_bytes / 1e6, seconds)
 
     def take_load_errors(self) -> set[int]:
         self._finish_loads()
         errors, self._load_errors = self._load_errors, set()
+        if errors:
+            self._reports += 1
         return errors
 
     # ---- saves ----
 
-    def wait_for_save(self, jobs: list[SaveJob]) -> None:
-        """Called once the forward pass is done: stage the due chunks and hand them to the writers."""
+    def wait_for_save(self, jobs: list[SaveJob], failures_seen: int) -> None:
+        """Called once the forward pass is done: stage the due chunks and hand them to the writers.
+
+        A save that depends on a block whose load failed is dropped: it was computed over KV that
+        is not the prompt's. ``failures_seen`` tells which failures the scheduler had already
+        accounted for (rewinding the request) when it planned these saves.
+        """
         self._finish_loads()
+        self._poisoned = [(report, blocks) for report, blocks in self._poisoned if report > failures_seen]
         if not jobs or not self.writes or not self._layers:
             return
+        poisoned = set().union(*(blocks for _, blocks in self._poisoned))
         for job in jobs:
-            if self._load_errors.intersection(job.block_ids):
-                continue  # those blocks hold no valid KV until recomputed
+            if poisoned.intersection(job.depends_on):
+                self._count(saves_poisoned=1)
+                logger.info("VUA: not saving %s of request %s: computed over KV that failed to load",
+                            job.fragment.path(self.store.layout, self.shard).name, job.request_id)
+                continue
             self._stage(job)
 
     def _stage(self, job: SaveJob) -> None:
@@ -272,7 +317,7 @@ class WorkerSide:
             if unused:
                 # The prompt ends inside the last block: the slots past it hold whatever the block
                 # held before (another request's KV), which must not leave the engine.
-                picked[-1].narrow(_TOKEN_DIM, self.identity.block_size - unused, unused).zero_()
+                picked[-1].narrow(KV_TOKEN_DIM, self.identity.block_size - unused, unused).zero_()
             if picked.is_cuda:
                 host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
                 host.copy_(picked, non_blocking=True)
@@ -293,9 +338,12 @@ class WorkerSide:
             written = self.store.write(ref.path(self.store.layout, self.shard), ref.digest, ref.tokens, tensors, start=ref.start)
             if written:
                 self._count(saved_fragments=1, saved_bytes=nbytes, save_seconds=time.monotonic() - started)
-        except Exception as exc:  # noqa: BLE001 - a full or vanished store must not stop serving
+        except VUAError as exc:  # a full, read-only or vanished store must not stop serving
             self._count(save_errors=1)
             self._warn("write", "VUA: could not save a chunk of request %s: %s", job.request_id, exc)
+        except Exception:  # noqa: BLE001 - nor may a bug here
+            self._count(internal_errors=1)
+            logger.exception("VUA: internal error saving a chunk of request %s", job.request_id)
         finally:
             with self._lock:
                 self._staged_bytes -= nbytes
@@ -335,6 +383,6 @@ class WorkerSide:
             return stats
 
     def shutdown(self) -> None:
-        self._finish_loads()
+        self._finish_loads(agree=False)  # the other ranks may already be gone
         self._writers.shutdown(wait=True)
         self._readers.shutdown(wait=True)
