@@ -57,7 +57,7 @@ class FragmentStoreTest(unittest.TestCase):
         return outputs if ok else None
 
     def test_round_trip_and_format(self) -> None:
-        self.assertTrue(self._write(metadata={"model": "m"}))
+        self.assertTrue(self._write())
         loaded = safetensors.torch.load_file(self.path)
         self.assertEqual(list(loaded), [TOKENS_TENSOR, *self.tensors])
         self.assertEqual(loaded[TOKENS_TENSOR].tolist(), [5, 6, 7, 8])
@@ -66,7 +66,7 @@ class FragmentStoreTest(unittest.TestCase):
         with safetensors.safe_open(self.path, "pt") as handle:
             metadata = handle.metadata()
         self.assertEqual(metadata["vua_key"], self.key.hex())
-        self.assertEqual((metadata["vua_start"], metadata["vua_tokens"], metadata["model"]), ("8", "4", "m"))
+        self.assertEqual((metadata["vua_start"], metadata["vua_tokens"]), ("8", "4"))
         self.assertEqual(len(metadata["vua_checksums"].split(",")), 4)
         with open(self.path, "rb") as f:
             header_length = int.from_bytes(f.read(8), "little")

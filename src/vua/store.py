@@ -26,7 +26,15 @@ import numpy as np
 
 from .backends import IOBackend, OpenFile, ShortReadError, open_backend
 from .errors import CorruptFragmentError, FragmentFormatError, StoreWriteError
-from .integrity import TOKENS_TENSOR, check_header, check_tensor, check_tokens, checksum, fragment_metadata
+from .integrity import (
+    TOKENS_TENSOR,
+    check_device_tensor,
+    check_header,
+    check_tensor,
+    check_tokens,
+    checksum,
+    fragment_metadata,
+)
 from .keys import Namespace
 from .layout import STORE_DIR, StoreLayout, check_root
 from .publish import DEFAULT_DIR_MODE, DEFAULT_FILE_MODE, publish_file
@@ -173,11 +181,13 @@ class FragmentStore:
         tensors: Sequence[TensorSource],
         *,
         start: int,
-        metadata: dict[str, str] | None = None,
+        device_checksums: dict[str, str] | None = None,
     ) -> bool:
         """Store a fragment at ``path`` unless one is there. True if this call published it.
 
         ``tokens`` are the fragment's own token ids, ``start`` the position of the first of them.
+        ``device_checksums`` (tensor name to :func:`~vua.integrity.device_checksum`), computed
+        by a writer whose tensors were in GPU memory, let GPUDirect readers verify them there.
 
         Raises :class:`StoreWriteError` when the filesystem refuses (full, read-only, permissions, EIO).
         """
@@ -190,7 +200,9 @@ class FragmentStore:
 
         def encode(sums: Sequence[str]) -> tuple[bytes, tuple[TensorEntry, ...]]:
             return encode_header(
-                specs, fragment_metadata(key, start, len(token_bytes), sums, metadata), alignment=DATA_ALIGNMENT
+                specs,
+                fragment_metadata(key, start, len(token_bytes), sums, device_checksums, [s.name for s in sources]),
+                alignment=DATA_ALIGNMENT,
             )
 
         # Checksums are fixed-width hex, so a header with placeholders has the final header's length
@@ -284,7 +296,8 @@ class FragmentStore:
         """Read the tensors ``wanted`` (name, destination buffers) and verify them; False on any fault.
 
         ``tokens``, when given, must equal the stored token ids. Destination buffers may be device
-        memory where the backend accepts it; those are not checksummed on the host.
+        memory where the backend accepts it: those are verified there, with the fragment's device
+        checksums (a fragment without them cannot be read into device memory).
         """
         header = fragment.header
         try:
@@ -310,6 +323,8 @@ class FragmentStore:
                         check_tokens(stored, tokens)
                     if all(_is_host(b) for b in buffers):
                         check_tensor(header, entry.name, buffers)
+                    else:
+                        check_device_tensor(header, entry.name, buffers)
             return True
         except (FragmentFormatError, OSError) as exc:
             self._fault(fragment.path, exc, discard=isinstance(exc, (CorruptFragmentError, ShortReadError)))

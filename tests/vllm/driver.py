@@ -92,26 +92,33 @@ def _totals() -> dict:
 
 
 def _act(action: list) -> None:
-    """Test hooks run between prompts. ["corrupt", root, start]: flip the last bytes (the data of
-    the last layer) of every full-chunk fragment under ``root`` whose first token is ``start``."""
+    """Test hooks run between prompts, on every full-chunk fragment under ``root`` whose first token
+    is ``start``. ["corrupt", root, start]: flip the last bytes (the data of the last layer).
+    ["damage_kv", root, start]: flip every byte of the first layer's KV, which every later layer's
+    KV (and every later chunk's) is computed from; header and token ids stay intact."""
     from pathlib import Path
 
     from vua.serdes import decode_header, decode_header_length
 
     kind, root, start = action
-    if kind != "corrupt":
+    if kind not in ("corrupt", "damage_kv"):
         raise ValueError(f"unknown action {kind!r}")
     for path in sorted(Path(root).rglob("*.safetensors")):
         if "tails" in path.parts:
             continue
         data = path.read_bytes()
         header = decode_header(data[: 8 + decode_header_length(data, len(data))], len(data))
-        if header.metadata.get("vua_start") == str(start):
-            with open(path, "r+b") as handle:
-                handle.seek(-64, os.SEEK_END)
-                handle.write(bytes(b ^ 0xFF for b in data[-64:]))
-            print(f"corrupted {path}", file=sys.stderr)
-
+        if header.metadata.get("vua_start") != str(start):
+            continue
+        if kind == "corrupt":
+            begin, end = len(data) - 64, len(data)
+        else:
+            first_layer = next(e for e in header.entries if e.name != "tokens")
+            begin, end = header.data_start + first_layer.begin, header.data_start + first_layer.end
+        with open(path, "r+b") as handle:
+            handle.seek(begin)
+            handle.write(bytes(b ^ 0xFF for b in data[begin:end]))
+        print(f"{kind}: {path}", file=sys.stderr)
 
 if __name__ == "__main__":
     main()

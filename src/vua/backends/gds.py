@@ -68,6 +68,11 @@ class GdsBackend(PosixBackend):
         available = os.fstat(file.fd).st_size
         if offset + sum(sizes) > available:
             raise ShortReadError(f"file ended at byte {available} with {offset + sum(sizes) - available} bytes still expected")
+        # kvikio opens the file again, by path: make sure the path still names the file whose
+        # header was verified (the bytes themselves are verified by the device checksum).
+        opened, named = os.fstat(file.fd), os.stat(file.path, follow_symlinks=False)
+        if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+            raise OSError(errno.ESTALE, f"{file.path} was replaced after it was opened")
         try:
             with self._kvikio.CuFile(os.fspath(file.path), "r") as handle:
                 futures = []

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import VUAError
+from ..integrity import device_checksum, has_device_checksums
 from ..serdes import dtype_name, host_bytes
 from ..store import Fragment, FragmentStore, TensorSource
 from ._compat import KV_TOKEN_DIM, any_rank_failed
@@ -111,8 +112,11 @@ class WorkerSide:
         first = next(iter(self._layers.values()))
         return first[0].numel() * first.element_size()
 
-    def _use_gds(self, tensor: torch.Tensor) -> bool:
-        return tensor.is_cuda and self.store.backend.accepts(tensor)
+    def _gds_verifiable(self, opened: _OpenFragment, kv: torch.Tensor, layer: str) -> bool:
+        """Whether GPUDirect can read this layer into device memory and verify it there (the
+        fragment was written from GPU memory, with device checksums)."""
+        assert opened.fragment is not None
+        return self.store.backend.accepts(kv) and has_device_checksums(opened.fragment.header, [layer])
 
     # ---- loads ----
 
@@ -166,7 +170,8 @@ class WorkerSide:
             return  # another layer of it already failed: its blocks are recomputed anyway
         try:
             kv = self._layers[layer]
-            loaded = self._read_via_pinned(opened, layer) if kv.is_cuda and not self._use_gds(kv) else self._read_in_place(opened, layer)
+            via_pinned = kv.is_cuda and not self._gds_verifiable(opened, kv, layer)
+            loaded = self._read_via_pinned(opened, layer) if via_pinned else self._read_in_place(opened, layer)
         except Exception:  # noqa: BLE001 - a bug here must cost a recompute, not the engine
             logger.exception("VUA: internal error loading %s (layer %s); the blocks are recomputed", opened.fragment.path, layer)
             self._count(internal_errors=1)
@@ -312,6 +317,7 @@ class WorkerSide:
         done: Any = None
         ref = job.fragment
         unused = ref.n_blocks * self.identity.block_size - len(ref.tokens)
+        device_sums: dict[str, str] = {}
         for layer, kv in self._layers.items():
             picked = kv.index_select(0, torch.tensor(job.block_ids, device=kv.device))
             if unused:
@@ -319,6 +325,8 @@ class WorkerSide:
                 # held before (another request's KV), which must not leave the engine.
                 picked[-1].narrow(KV_TOKEN_DIM, self.identity.block_size - unused, unused).zero_()
             if picked.is_cuda:
+                # Lets GPUDirect readers verify in device memory; costs one GPU pass, here, not on the host.
+                device_sums[layer] = device_checksum([picked])
                 host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
                 host.copy_(picked, non_blocking=True)
                 picked = host
@@ -326,16 +334,18 @@ class WorkerSide:
         if next(iter(self._layers.values())).is_cuda:
             done = torch.cuda.Event()
             done.record()
-        self._writers.submit(self._write, job, staged, done, nbytes)
+        self._writers.submit(self._write, job, staged, device_sums, done, nbytes)
 
-    def _write(self, job: SaveJob, staged: list[tuple[str, torch.Tensor]], done: Any, nbytes: int) -> None:
+    def _write(self, job: SaveJob, staged: list[tuple[str, torch.Tensor]], device_sums: dict[str, str], done: Any,
+               nbytes: int) -> None:
         try:
             if done is not None:
                 done.synchronize()
             started = time.monotonic()
             tensors = [TensorSource(layer, dtype_name(t.dtype), tuple(t.shape), [host_bytes(t)]) for layer, t in staged]
             ref = job.fragment
-            written = self.store.write(ref.path(self.store.layout, self.shard), ref.digest, ref.tokens, tensors, start=ref.start)
+            written = self.store.write(ref.path(self.store.layout, self.shard), ref.digest, ref.tokens, tensors,
+                                       start=ref.start, device_checksums=device_sums)
             if written:
                 self._count(saved_fragments=1, saved_bytes=nbytes, save_seconds=time.monotonic() - started)
         except VUAError as exc:  # a full, read-only or vanished store must not stop serving
