@@ -29,8 +29,8 @@ from ._compat import (
     load_failure_policy,
     parallel_ranks,
     route_logs_like_vllm,
-    store_identity,
 )
+from .identity import store_identity
 from .metadata import VUAConnectorMetadata
 from .scheduler import SchedulerSide
 from .settings import ConnectorSettings, parse_bool

@@ -27,7 +27,8 @@ import torch
 from ..errors import VUAError
 from ..serdes import dtype_name, host_bytes
 from ..store import Fragment, FragmentStore, TensorSource
-from .metadata import SCRATCH, FragmentRef, LoadJob, SaveJob, StoreIdentity
+from .identity import StoreIdentity
+from .metadata import SCRATCH, FragmentRef, LoadJob, SaveJob
 from .settings import ConnectorSettings
 from .stats import VUAConnectorStats
 
