@@ -41,14 +41,15 @@ def check(root: str, layers: int, blocks: int, repeats: int) -> int:
     from vua.errors import ConfigError
     from vua.keys import chained_digests
     from vua.store import FragmentStore
-    from vua.vllm.metadata import FragmentRef, LoadJob, SaveJob, StoreIdentity
+    from vua.vllm.identity import StoreIdentity
+    from vua.vllm.metadata import FragmentRef, LoadJob, SaveJob
     from vua.vllm.settings import ConnectorSettings
     from vua.vllm.worker import WorkerSide
 
     block_size, chunk_blocks = 16, 16
     block_shape = (8, block_size, 256)  # 8 KV heads, head_size 128 for K and for V
     names = tuple(f"model.layers.{i}.self_attn.attn" for i in range(layers))
-    identity = StoreIdentity("gpu-check", "BF16", block_shape, block_size, block_size * chunk_blocks, names)
+    identity = StoreIdentity("gpu-check", "BF16", block_shape, block_size, block_size * chunk_blocks)
     settings = ConnectorSettings.from_extra_config(
         {"shared_storage_path": root, "chunk_size": block_size * chunk_blocks, "use_gds": "false"},
         block_size=block_size, max_num_batched_tokens=2048)

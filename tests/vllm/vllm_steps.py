@@ -19,7 +19,7 @@ from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, Schedul
 from vllm.v1.request import Request
 
 from vua.store import FragmentStore
-from vua.vllm.metadata import StoreIdentity
+from vua.vllm.identity import StoreIdentity
 from vua.vllm.scheduler import SchedulerSide
 from vua.vllm.settings import ConnectorSettings
 from vua.vllm.worker import WorkerSide
@@ -32,8 +32,7 @@ NUM_BLOCKS = 64
 
 
 def identity(model: str = "tiny", **changes) -> StoreIdentity:
-    fields = dict(model=model, kv_dtype="BF16", block_shape=BLOCK_SHAPE, block_size=BLOCK, chunk_size=CHUNK,
-                  layer_names=LAYERS)
+    fields = dict(model=model, kv_dtype="BF16", block_shape=BLOCK_SHAPE, block_size=BLOCK, chunk_size=CHUNK)
     fields.update(changes)
     return StoreIdentity(**fields)
 

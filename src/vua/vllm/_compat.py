@@ -15,14 +15,11 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 import torch
 
 from ..errors import ConfigError
-from ..serdes import dtype_name
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
-
-    from .metadata import StoreIdentity
 
 __all__ = [
     "KVConnectorBase_V1",
@@ -34,7 +31,8 @@ __all__ = [
     "ScheduledRequest",
     "scheduled_requests",
     "prompt_if_cacheable",
-    "store_identity",
+    "served_attention_spec",
+    "kv_cache_settings",
     "kv_block_size",
     "parallel_ranks",
     "recompute_failed_loads",
@@ -131,36 +129,48 @@ def prompt_if_cacheable(request: Any) -> tuple[list[int], str] | None:
     return request.prompt_token_ids, getattr(request, "cache_salt", None) or ""
 
 
-def store_identity(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig", chunk_size: int) -> "StoreIdentity":
-    """The model and KV layout this engine stores, from its configuration (the same on both sides)."""
-    from vllm.v1.kv_cache_interface import AttentionSpec, MLAAttentionSpec
+def served_attention_spec(kv_cache_config: "KVCacheConfig") -> tuple[Any, bool]:
+    """``(spec, is MLA)`` of the one KV cache group of full or MLA attention VUA can store.
 
-    from .metadata import StoreIdentity
+    Raises :class:`~vua.errors.ConfigError`, naming the setting, for anything else. A stored chunk
+    is reused as the KV of every token of its prefix, for any later prompt with that prefix:
+    sliding-window and chunked-local layers keep (and vLLM frees) blocks by other rules, a
+    non-causal layer's KV depends on tokens after it, and the connector moves one group's blocks
+    only. The spec type is matched exactly because window specs subclass ``AttentionSpec`` (and
+    later releases may add more).
+    """
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 
     groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, AttentionSpec):
+    if len(groups) != 1:
         raise ConfigError(
-            "VUA stores models with one KV cache group of full attention; this model has "
+            "VUA stores models with one KV cache group of full attention; this hybrid or multi-group model has "
             f"{[type(g.kv_cache_spec).__name__ for g in groups]}"
         )
     spec = groups[0].kv_cache_spec
-    mla = isinstance(spec, MLAAttentionSpec)
-    # The per-layer paged tensor vLLM 0.32+ hands out is [blocks, kv_heads, block, head_size + head_size_v].
-    head_v = getattr(spec, "head_size_v", None)
-    head_v = spec.head_size if head_v is None else head_v
-    block_shape = (spec.num_kv_heads, spec.block_size, spec.head_size + head_v)
-    model = vllm_config.model_config
-    parallel = vllm_config.parallel_config
-    return StoreIdentity(
-        model=f"{model.model}@{model.revision or ''}",
-        kv_dtype=dtype_name(spec.dtype),
-        block_shape=block_shape,
-        block_size=spec.block_size,
-        chunk_size=chunk_size,
-        layer_names=tuple(groups[0].layer_names),
-        tp_size=parallel.tensor_parallel_size,
-        pp_size=parallel.pipeline_parallel_size,
-        mla=mla,
+    window = getattr(spec, "sliding_window", None)
+    if window is not None:
+        raise ConfigError(f"VUA cannot store sliding-window attention (sliding_window={window})")
+    chunk = getattr(spec, "attention_chunk_size", None)
+    if chunk is not None:
+        raise ConfigError(f"VUA cannot store chunked-local attention (attention_chunk_size={chunk})")
+    if getattr(spec, "non_causal", False):
+        raise ConfigError("VUA cannot store non-causal attention (non_causal=True)")
+    if type(spec) not in (FullAttentionSpec, MLAAttentionSpec):
+        raise ConfigError(f"VUA stores full attention and MLA KV caches only; this model's is {type(spec).__name__}")
+    return spec, type(spec) is MLAAttentionSpec
+
+
+def kv_cache_settings(cache_config: Any) -> tuple[tuple[str, Any], ...]:
+    """The cache settings besides ``cache_dtype`` that change the KV bytes, under the names this vLLM has.
+
+    ``calculate_kv_scales`` (older releases; gone from 0.32, which takes fp8 scales from the
+    checkpoint, covered by the weights fingerprint) computes the scales from the first batch
+    instead; ``kv_cache_dtype_skip_layers`` leaves layers unquantized.
+    """
+    return (
+        ("calculate_kv_scales", getattr(cache_config, "calculate_kv_scales", None)),
+        ("kv_cache_dtype_skip_layers", tuple(sorted(getattr(cache_config, "kv_cache_dtype_skip_layers", None) or ()))),
     )
 
 

@@ -28,8 +28,8 @@ from ._compat import (
     recompute_failed_loads,
     parallel_ranks,
     route_logs_like_vllm,
-    store_identity,
 )
+from .identity import store_identity
 from .metadata import VUAConnectorMetadata
 from .scheduler import SchedulerSide
 from .settings import ConnectorSettings, parse_bool

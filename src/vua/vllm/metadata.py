@@ -19,59 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..keys import Namespace
 from ..layout import StoreLayout
 from ._compat import KVConnectorMetadata
 
-__all__ = ["StoreIdentity", "FragmentRef", "LoadJob", "SaveJob", "VUAConnectorMetadata", "SCRATCH"]
+__all__ = ["FragmentRef", "LoadJob", "SaveJob", "VUAConnectorMetadata", "SCRATCH"]
 
 # A block id meaning "read this block of the fragment, but into scratch": the engine already
 # holds it (a local prefix-cache hit) or it lies past the claimed prefix.
 SCRATCH = -1
-
-
-@dataclass(frozen=True)
-class StoreIdentity:
-    """Everything that decides whether stored KV fits this engine, hashed into the namespace."""
-
-    model: str
-    kv_dtype: str
-    block_shape: tuple[int, ...]
-    block_size: int
-    chunk_size: int
-    layer_names: tuple[str, ...]
-    tp_size: int = 1
-    pp_size: int = 1
-    mla: bool = False
-
-    def namespace(self) -> Namespace:
-        return Namespace(
-            granularity=self.block_size,
-            identity=f"vllm-v1:{self.model}",
-            extra=(
-                ("kv_dtype", self.kv_dtype),
-                ("kv_block_shape", list(self.block_shape)),
-                ("chunk_size", self.chunk_size),
-                ("layers", list(self.layer_names)),
-                ("tp_size", self.tp_size),
-                ("pp_size", self.pp_size),
-                ("mla", self.mla),
-            ),
-        )
-
-    def shard(self, tp_rank: int, pp_rank: int = 0) -> str:
-        """The file a rank reads; MLA latents are the same on every TP rank, so they share one."""
-        tp = 0 if self.mla else tp_rank
-        return f"pp{pp_rank}-tp{tp}" if self.pp_size > 1 else f"tp{tp}"
-
-    def writes(self, tp_rank: int) -> bool:
-        """Whether this rank stores its KV (for MLA only rank 0 does)."""
-        return not self.mla or tp_rank == 0
-
-    def shards(self) -> list[str]:
-        """Every shard a chunk must have before it counts as stored."""
-        tp_ranks = [0] if self.mla else range(self.tp_size)
-        return sorted({self.shard(t, p) for t in tp_ranks for p in range(self.pp_size)})
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from ..eviction import BackgroundGC
 from ..keys import as_token_array, chained_digests, link_digest
 from ..store import FragmentStore
 from ._compat import allocated_block_ids, prompt_if_cacheable, scheduled_requests
-from .metadata import SCRATCH, FragmentRef, LoadJob, SaveJob, StoreIdentity, VUAConnectorMetadata
+from .identity import StoreIdentity
+from .metadata import SCRATCH, FragmentRef, LoadJob, SaveJob, VUAConnectorMetadata
 from .settings import ConnectorSettings, RuntimeSwitches
 from .stats import VUAConnectorStats
 

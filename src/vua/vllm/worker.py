@@ -29,7 +29,8 @@ from ..integrity import device_checksum, has_device_checksums
 from ..serdes import dtype_name, host_bytes
 from ..store import Fragment, FragmentStore, TensorSource
 from ._compat import KV_TOKEN_DIM, any_rank_failed
-from .metadata import SCRATCH, FragmentRef, LoadJob, SaveJob, StoreIdentity
+from .identity import StoreIdentity
+from .metadata import SCRATCH, FragmentRef, LoadJob, SaveJob
 from .settings import ConnectorSettings
 from .stats import VUAConnectorStats
 
