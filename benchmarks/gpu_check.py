@@ -1,5 +1,6 @@
 """GPU check of the connector's worker half: save KV blocks from CUDA memory, load them back with
-GPUDirect Storage (kvikio) and with POSIX reads into pinned memory, compare, and print GB/s.
+GPUDirect Storage (kvikio), verified in GPU memory and unverified, and with POSIX reads into pinned
+memory (verified on the host), compare, and print GB/s beside a raw kvikio read of the same files.
 
     python benchmarks/gpu_check.py [--root DIR] [--layers 8] [--blocks 512]
 
@@ -38,6 +39,7 @@ def check(root: str, layers: int, blocks: int, repeats: int) -> int:
     import numpy as np
     import torch
 
+    import vua.store
     from vua.errors import ConfigError
     from vua.keys import chained_digests
     from vua.store import FragmentStore
@@ -66,7 +68,8 @@ def check(root: str, layers: int, blocks: int, repeats: int) -> int:
     saver = WorkerSide(settings, identity, FragmentStore(root, namespace, backend="posix"))
     saver.register_kv_caches(source)
     started = time.perf_counter()
-    saver.wait_for_save([SaveJob("check", ref, ids) for ref, ids in zip(refs, source_ids)])
+    saver.wait_for_save([SaveJob("check", ref, ids, sum(source_ids[: c + 1], [])) for c, (ref, ids)
+                         in enumerate(zip(refs, source_ids))], 0)
     saver.flush()
     saved = saver.totals.data
     print(f"saved {saved['saved_fragments']} fragments, {saved['saved_bytes'] / 1e9:.3f} GB "
@@ -77,13 +80,20 @@ def check(root: str, layers: int, blocks: int, repeats: int) -> int:
 
     # Load into other blocks (the upper half, reversed) so a wrong scatter cannot go unnoticed.
     target_ids = [[total_blocks - 1 - b for b in ids] for ids in source_ids]
+    verify = vua.store.check_device_tensor
     status = 0
-    for backend in ("gds", "posix"):
+    nbytes = blocks * source[names[0]][0].numel() * 2 * layers
+    raw = _raw_kvikio_seconds(root, repeats)
+    if raw is not None:
+        print(f"raw kvikio read of the same files: {nbytes / raw / 1e9:.2f} GB/s (median of {repeats})")
+    for backend, verified in (("gds", True), ("gds", False), ("posix", True)):
         try:
             store = FragmentStore(root, namespace, backend=backend)
         except ConfigError as exc:
             print(f"{backend}: skipped ({exc})")
             continue
+        if not verified:  # what verification costs: the same reads with the device check taken out
+            vua.store.check_device_tensor = lambda *args: None
         seconds = []
         for _ in range(repeats):
             target = {n: torch.zeros_like(t) for n, t in source.items()}
@@ -106,11 +116,35 @@ def check(root: str, layers: int, blocks: int, repeats: int) -> int:
                 status = 1
                 break
         else:
-            nbytes = blocks * source[names[0]][0].numel() * 2 * layers
             median = statistics.median(seconds)
-            print(f"{backend} ({store.backend.name}): {nbytes / 1e9:.3f} GB in {median:.4f} s median of {repeats}, "
-                  f"{nbytes / median / 1e9:.2f} GB/s, outputs equal")
+            label = f"{backend} ({store.backend.name}, {'verified' if verified else 'UNVERIFIED'})"
+            ratio = f", {raw / median:.2f}x raw kvikio" if raw is not None else ""
+            print(f"{label}: {nbytes / 1e9:.3f} GB in {median:.4f} s median of {repeats}, "
+                  f"{nbytes / median / 1e9:.2f} GB/s{ratio}, outputs equal")
+        vua.store.check_device_tensor = verify
     return status
+
+
+def _raw_kvikio_seconds(root: str, repeats: int) -> float | None:
+    """Median seconds to read every stored file whole into one GPU buffer with kvikio, or None without it."""
+    try:
+        import kvikio
+        import torch
+    except ImportError:
+        return None
+    paths = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".safetensors")]
+    sizes = [os.path.getsize(p) for p in paths]
+    buffer = torch.empty(max(sizes), dtype=torch.uint8, device="cuda")
+    seconds = []
+    for _ in range(repeats):
+        _drop_page_cache(root)
+        started = time.perf_counter()
+        for path, size in zip(paths, sizes):
+            with kvikio.CuFile(path, "r") as handle:
+                handle.pread(buffer, size).get()
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
 
 
 def _drop_page_cache(root: str) -> None:
