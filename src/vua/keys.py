@@ -17,7 +17,15 @@ import xxhash
 
 from .errors import TokensError
 
-__all__ = ["FORMAT_VERSION", "Namespace", "DIGEST_BYTES", "as_token_array", "squeeze_batch", "chained_digests", "link_digest"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Namespace",
+    "DIGEST_BYTES",
+    "as_token_array",
+    "squeeze_batch",
+    "chained_digests",
+    "salted_seed",
+]
 
 FORMAT_VERSION = 1
 DIGEST_BYTES = 16
@@ -86,18 +94,18 @@ def chained_digests(tokens: np.ndarray, granularity: int, seed: bytes, count: in
     digests: list[bytes] = []
     parent = seed
     for i in range(count):
-        parent = link_digest(parent, tokens[i * granularity : (i + 1) * granularity])
+        parent = _link_digest(parent, tokens[i * granularity : (i + 1) * granularity])
         digests.append(parent)
     return digests
 
 
-def link_digest(parent: bytes, tokens: np.ndarray) -> bytes:
-    """One link of the chain: the digest of ``parent``'s prefix extended by ``tokens`` (any count).
-
-    Full groups are links of ``granularity`` tokens; a shorter link names a prefix that ends
-    inside a group (the last, partial KV block of a prompt).
-    """
+def _link_digest(parent: bytes, tokens: np.ndarray) -> bytes:
+    """One link of the chain: the digest of ``parent``'s prefix extended by ``tokens``."""
     hasher = xxhash.xxh3_128(parent)
     hasher.update(memoryview(np.ascontiguousarray(tokens, dtype="<i8")).cast("B"))
     return hasher.digest()
 
+
+def salted_seed(seed: bytes, salt: str) -> bytes:
+    """The chain seed for a cache salt (vLLM's per-tenant ``cache_salt``): another salt, other keys."""
+    return xxhash.xxh3_128_digest(seed + salt.encode()) if salt else seed

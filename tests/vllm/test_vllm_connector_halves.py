@@ -18,7 +18,7 @@ from vua.vllm.settings import DISABLE_GET, DISABLE_PUT
 from vllm_steps import BLOCK, CHUNK, LAYERS, Engine, expected_block, identity
 
 rng = random.Random(7)
-P = [rng.randrange(3, 5000) for _ in range(58)]  # 3 full chunks, a tail of 2 blocks, 2 tokens in a last block
+P = [rng.randrange(3, 5000) for _ in range(58)]  # 3 full chunks, a tail of 2 blocks, 2 tokens past the last whole block
 
 
 def fragments(root: Path) -> list[Path]:
@@ -26,7 +26,7 @@ def fragments(root: Path) -> list[Path]:
 
 
 def assert_loaded(engine: Engine, tokens: list[int], block_ids: list[int], n_blocks: int) -> None:
-    """The first ``n_blocks`` blocks hold the KV of ``tokens`` (the token slots a partial last block has)."""
+    """The first ``n_blocks`` blocks hold the KV of ``tokens`` (the slots a prompt's last block has)."""
     for index in range(n_blocks):
         valid = min(BLOCK, len(tokens) - index * BLOCK)
         for offset, layer in enumerate(LAYERS):
@@ -42,31 +42,33 @@ def stored(tmp_path: Path) -> Path:
     engine.close()
     assert result["hit"] == 0
     assert [(s.fragment.start, s.fragment.n_blocks, s.fragment.anchor is None) for s in result["saves"]] == [
-        (0, 4, True), (16, 4, True), (32, 4, True), (48, 2, False), (56, 1, False)]
-    assert engine.worker.totals.data["saved_fragments"] == 5
+        (0, 4, True), (16, 4, True), (32, 4, True), (48, 2, False)]
+    assert engine.worker.totals.data["saved_fragments"] == 4
     return tmp_path
 
 
 def test_second_engine_loads_the_whole_stored_prefix_exactly(stored: Path) -> None:
     engine = Engine(stored)
     result = engine.run("p2", P)
-    assert result["hit"] == 57  # all but the last token, whose logits vLLM needs
-    assert_loaded(engine, P, result["block_ids"], 15)  # the partial block's first slot came from the store
+    assert result["hit"] == 56  # every whole block; the 2 tokens past them are computed
+    assert_loaded(engine, P, result["block_ids"], 14)
     assert result["saves"] == []  # all stored already
     assert engine.errors == set()
-    assert engine.worker.totals.data["loaded_fragments"] == 5
+    assert engine.worker.totals.data["loaded_fragments"] == 4
 
 
-def test_stored_partial_block_never_carries_other_requests_kv(tmp_path: Path) -> None:
+def test_only_whole_blocks_of_the_prompt_are_stored(tmp_path: Path) -> None:
+    """Which bytes of a block belong to which token is the attention backend's business, so a
+    block is stored only when every slot holds this prompt's KV: never another request's."""
     engine = Engine(tmp_path)
     for layer in LAYERS:  # every block starts out holding someone else's KV
         engine.kv[layer].fill_(7)
     engine.run("p", P)
-    partial = [s for s in fragments(tmp_path) if len(load_file(s)["tokens"]) == 2]
-    assert len(partial) == 1
-    for layer, tensor in load_file(partial[0]).items():
-        if layer != "tokens":
-            assert torch.count_nonzero(tensor[0][:, 2:]) == 0  # slots past the prompt are zeros
+    for path in fragments(tmp_path):
+        tensors = load_file(path)
+        assert len(tensors["tokens"]) % BLOCK == 0
+        for layer in LAYERS:
+            assert not torch.any(tensors[layer] == 7)
 
 
 def test_claim_stays_below_the_prompt_length(stored: Path) -> None:
@@ -74,25 +76,23 @@ def test_claim_stays_below_the_prompt_length(stored: Path) -> None:
     result = engine.run("p56", P[:56])  # 14 full blocks stored, but the last token must be computed
     assert result["hit"] == 55
     load = result["loads"][0]
-    assert load.block_ids[-1] == result["block_ids"][12:14]  # the last block is loaded, its last slot recomputed
+    assert load.block_ids[-1] == result["block_ids"][12:14]  # the last block is loaded whole, its last slot recomputed
     assert_loaded(engine, P[:56], result["block_ids"], 14)
 
 
 def test_min_recompute_tokens_leaves_that_many_prompt_tokens_to_compute(stored: Path) -> None:
     engine = Engine(stored, min_recompute_tokens=5)
     result = engine.run("p", P)
-    assert result["hit"] == 53  # ends inside block 13: vLLM computes its last 3 slots and block 14
+    assert result["hit"] == 53  # ends inside block 13: vLLM computes its last 3 slots and the 2 tokens after it
     assert_loaded(engine, P, result["block_ids"], 15)
 
 
-def test_whole_block_claims_end_on_a_block_boundary_and_store_no_partial_block(tmp_path: Path) -> None:
-    engine = Engine(tmp_path, claim_whole_blocks="true")
-    saved = engine.run("p", P)["saves"]
-    assert [(s.fragment.start, s.fragment.n_blocks) for s in saved] == [(0, 4), (16, 4), (32, 4), (48, 2)]
-    assert Engine(tmp_path, claim_whole_blocks="true").run("p2", P)["hit"] == 56
+def test_whole_block_claims_end_on_a_block_boundary(stored: Path) -> None:
+    assert Engine(stored).run("p55", P[:56])["hit"] == 55
+    assert Engine(stored, claim_whole_blocks="true").run("p52", P[:56])["hit"] == 52
 
 
-def test_a_prompt_ending_one_token_into_a_block_needs_no_partial_load(stored: Path) -> None:
+def test_a_prompt_ending_one_token_into_a_block_loads_only_whole_blocks(stored: Path) -> None:
     engine = Engine(stored)
     result = engine.run("p57", P[:57])
     assert result["hit"] == 56
@@ -111,13 +111,13 @@ def test_extended_prompt_reuses_the_stored_tail(stored: Path) -> None:
     engine = Engine(stored)
     extended = P + [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]  # 70 tokens: chunk 3 is now full
     result = engine.run("ext", extended)
-    assert result["hit"] == 56  # 3 full chunks + P's tail of 2 blocks (P's partial block is P's alone)
+    assert result["hit"] == 56  # 3 full chunks + P's tail of 2 blocks
     assert_loaded(engine, extended, result["block_ids"], 14)
     # Chunk 3 is full now: stored as a full chunk, from loaded and computed blocks alike,
-    # then its own tail (block 16) and its partial last block (2 tokens).
-    assert [(s.fragment.start, s.fragment.n_blocks) for s in result["saves"]] == [(48, 4), (64, 1), (68, 1)]
+    # then its own tail (block 16).
+    assert [(s.fragment.start, s.fragment.n_blocks) for s in result["saves"]] == [(48, 4), (64, 1)]
     again = Engine(stored).run("ext2", extended)
-    assert again["hit"] == 69
+    assert again["hit"] == 68
 
 
 def test_other_model_reuses_nothing(stored: Path) -> None:
@@ -128,7 +128,7 @@ def test_other_model_reuses_nothing(stored: Path) -> None:
 def test_cache_salt_keeps_prefixes_apart(stored: Path) -> None:
     engine = Engine(stored)
     assert engine.run("salted", P, salt="tenant-a")["hit"] == 0
-    assert engine.run("salted2", P, salt="tenant-a")["hit"] == 57
+    assert engine.run("salted2", P, salt="tenant-a")["hit"] == 56
 
 
 def test_corrupt_fragment_is_reported_removed_and_stored_again_by_the_recompute(stored: Path) -> None:
@@ -147,8 +147,8 @@ def test_corrupt_fragment_is_reported_removed_and_stored_again_by_the_recompute(
     assert saved == [broken[0] * CHUNK]
     reader = Engine(stored)
     again = reader.run("p4", P)
-    assert again["hit"] == 57 and reader.errors == set()
-    assert_loaded(reader, P, again["block_ids"], 15)
+    assert again["hit"] == 56 and reader.errors == set()
+    assert_loaded(reader, P, again["block_ids"], 14)
 
 
 def test_missing_fragment_between_lookup_and_load_reports_every_later_block(stored: Path) -> None:
@@ -157,7 +157,7 @@ def test_missing_fragment_between_lookup_and_load_reports_every_later_block(stor
     meta.loads[0].fragments[1].path(engine.worker.store.layout, "tp0").unlink()  # gone before the worker reads it
     engine.worker.start_load(meta.loads)
     engine.worker.wait_for_save(meta.saves, meta.failures_seen)
-    assert engine.worker.take_load_errors() == set(range(4, 15))
+    assert engine.worker.take_load_errors() == set(range(4, 14))
     engine.close()
 
 
@@ -176,8 +176,8 @@ def test_runtime_switches(stored: Path) -> None:
 def test_staging_bound_skips_saves_instead_of_blocking(tmp_path: Path) -> None:
     engine = Engine(tmp_path, max_staging_bytes="500")  # less than any fragment
     result = engine.run("p", P)
-    assert len(result["saves"]) == 5
-    assert engine.worker.totals.data["saves_skipped"] == 5
+    assert len(result["saves"]) == 4
+    assert engine.worker.totals.data["saves_skipped"] == 4
     assert fragments(tmp_path) == []
 
 
@@ -189,15 +189,15 @@ def test_full_filesystem_is_a_skipped_save(tmp_path: Path) -> None:
     try:
         engine = Engine(mount)
         result = engine.run("p", P)
-        assert len(result["saves"]) == 5
+        assert len(result["saves"]) == 4
         assert engine.worker.totals.data["save_errors"] >= 1
         stored = engine.worker.totals.data["saved_fragments"]
-        assert stored + engine.worker.totals.data["save_errors"] == 5
+        assert stored + engine.worker.totals.data["save_errors"] == 4
         assert not [p for p in mount.rglob("*") if ".tmp-" in p.name]  # nothing half written left behind
         # What did get stored is still served, exactly.
         reader = Engine(mount)
         again = reader.run("p2", P)
-        assert again["hit"] % CHUNK == 0 or again["hit"] in (56, 57)
+        assert again["hit"] % CHUNK == 0 or again["hit"] == 56
         assert_loaded(reader, P, again["block_ids"], -(-again["hit"] // BLOCK))
         assert reader.errors == set()
         engine.close()
@@ -215,8 +215,8 @@ def test_tensor_parallel_ranks_store_their_own_shards(tmp_path: Path) -> None:
     assert names == ["tp0", "tp1"]
     reader = Engine(tmp_path, tp, tp_rank=1)
     result = reader.run("p2", P)
-    assert result["hit"] == 57
-    assert_loaded(reader, P, result["block_ids"], 15)
+    assert result["hit"] == 56
+    assert_loaded(reader, P, result["block_ids"], 14)
 
 
 def test_mla_one_rank_writes_every_rank_reads(tmp_path: Path) -> None:
@@ -227,16 +227,16 @@ def test_mla_one_rank_writes_every_rank_reads(tmp_path: Path) -> None:
     Engine(tmp_path, mla, tp_rank=0).run("p", P)
     reader = Engine(tmp_path, mla, tp_rank=1)
     result = reader.run("p2", P)
-    assert result["hit"] == 57
-    assert_loaded(reader, P, result["block_ids"], 15)
+    assert result["hit"] == 56
+    assert_loaded(reader, P, result["block_ids"], 14)
 
 
 def test_incompatible_kv_layout_turns_the_worker_off(stored: Path) -> None:
     engine = Engine(stored)
     engine.worker.register_kv_caches({name: torch.zeros((8, 4, 2, 16), dtype=torch.bfloat16) for name in LAYERS})
     result = engine.run("p", P)
-    assert result["hit"] == 57
-    assert engine.errors == set(result["block_ids"][:15])  # everything claimed is recomputed, nothing read
+    assert result["hit"] == 56
+    assert engine.errors == set(result["block_ids"][:14])  # everything claimed is recomputed, nothing read
 
 
 def test_lookup_costs_one_metadata_operation_per_chunk(stored: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -249,9 +249,8 @@ def test_lookup_costs_one_metadata_operation_per_chunk(stored: Path, monkeypatch
 
     assert engine.scheduler.switches.get_enabled  # looks at disable-get now, then not for a second
     calls.clear()
-    assert engine.scheduler.get_num_new_matched_tokens(Request("c", P, SamplingParams(), None), 0)[0] == 57
-    assert calls == ["lstat", "lstat", "lstat", "listdir"]
-    assert BLOCK * 4 == CHUNK
+    assert engine.scheduler.get_num_new_matched_tokens(Request("c", P, SamplingParams(), None), 0)[0] == 56
+    assert calls == ["lstat", "lstat", "lstat", "listdir"]  # 3 chunks, then one listing for the tail
 
 
 def test_loading_before_the_forward_pass(stored: Path) -> None:
@@ -259,8 +258,6 @@ def test_loading_before_the_forward_pass(stored: Path) -> None:
     block_ids = list(range(20, 35))
     engine.worker.start_load(engine.first_step("early", P, block_ids).loads)
     assert_loaded(engine, P, block_ids, 14)  # no wait_for_layer_load needed
-    for offset, layer in enumerate(LAYERS):  # and the claimed slot of the block the claim ends in
-        assert torch.equal(engine.block(layer, block_ids[14])[:, :1], (expected_block(P, 14) + offset)[:, :1])
     assert engine.worker.take_load_errors() == set()
     engine.close()
 
@@ -292,7 +289,7 @@ def test_request_resumed_after_preemption_saves_the_rest_from_its_new_blocks(tmp
     output.num_scheduled_tokens = {"r": len(P) - hit}
     meta = engine.scheduler.build_connector_meta(output)
     assert meta.loads[0].block_ids == [new_blocks[0:4]]
-    assert [s.block_ids for s in meta.saves] == [new_blocks[4:8], new_blocks[8:12], new_blocks[12:14], new_blocks[14:15]]
+    assert [s.block_ids for s in meta.saves] == [new_blocks[4:8], new_blocks[8:12], new_blocks[12:14]]
     engine.close()
 
 
@@ -315,23 +312,27 @@ def test_max_store_size_runs_background_gc_on_the_scheduler_side(tmp_path: Path)
     engine.close()
 
 
-def test_load_never_overwrites_the_slots_vllm_computes_in_the_same_step(stored: Path) -> None:
+def test_the_block_a_claim_ends_inside_is_loaded_before_the_forward_pass(stored: Path) -> None:
     """vLLM writes the new tokens' KV (its kv-cache-update op) before an attention layer waits for
-    that layer's load, so the block the claim ends inside must only get its claimed slots."""
+    that layer's load. The block a claim ends inside is loaded whole, so it must be in place when
+    start_load returns (it runs before the forward pass): vLLM's writes then land last."""
     engine = Engine(stored, min_recompute_tokens=5)  # claim 53: 1 slot of block 13 claimed
     block_ids = list(range(20, 35))
     meta = engine.first_step("cut", P, block_ids, scheduled=5)
-    for layer in LAYERS:  # what the forward pass has already written for positions 53..57
+    for layer in LAYERS:  # whatever the blocks held before
         engine.kv[layer][block_ids[13]].fill_(3)
         engine.kv[layer][block_ids[14]].fill_(3)
     engine.worker.start_load(meta.loads)
-    for layer in LAYERS:
+    for offset, layer in enumerate(LAYERS):  # before any wait_for_layer_load
+        assert torch.equal(engine.block(layer, block_ids[13]), expected_block(P, 13) + offset)
+        assert torch.all(engine.block(layer, block_ids[14]) == 3)  # past the claim: untouched
+    for layer in LAYERS:  # the forward pass: vLLM's KV write for positions 53..58, then attention
+        engine.kv[layer][block_ids[13]][:, 1:] = 5
         engine.worker.wait_for_layer_load(layer)
     assert engine.worker.take_load_errors() == set()
     assert_loaded(engine, P, block_ids, 13)
     for offset, layer in enumerate(LAYERS):
         cut = engine.block(layer, block_ids[13])
         assert torch.equal(cut[:, :1], (expected_block(P, 13) + offset)[:, :1])  # the claimed slot
-        assert torch.all(cut[:, 1:] == 3)  # vLLM's writes survive
-        assert torch.all(engine.block(layer, block_ids[14]) == 3)  # past the claim: untouched
+        assert torch.all(cut[:, 1:] == 5)  # vLLM's writes survive
     engine.close()

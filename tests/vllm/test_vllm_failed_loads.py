@@ -25,7 +25,7 @@ from vua.store import read_header
 from vllm_steps import BLOCK, CHUNK, LAYERS, Engine, expected_block
 
 rng = random.Random(11)
-P = [rng.randrange(3, 5000) for _ in range(58)]  # 3 full chunks, a tail of 2 blocks, 2 tokens in a last block
+P = [rng.randrange(3, 5000) for _ in range(58)]  # 3 full chunks, a tail of 2 blocks, 2 tokens past them
 SHORT = P[:20]  # chunk 0 and a one-block tail
 
 
@@ -61,15 +61,15 @@ def test_saves_of_the_step_whose_load_failed_are_dropped_then_made_from_the_reco
     result = engine.run("p", P)  # one step: load chunk 0 and the tail, compute 20..58
     assert result["hit"] == 20
     assert engine.errors == set(result["block_ids"][:4])  # chunk 0's blocks
-    # Chunks 1, 2, the tail and the partial block were computed over chunk 0: none may be stored.
-    assert engine.worker.totals.data["saves_poisoned"] == 4
+    # Chunks 1, 2 and the tail were computed over chunk 0: none may be stored.
+    assert engine.worker.totals.data["saves_poisoned"] == 3
     assert engine.worker.totals.data["load_errors"] == 1
     # After the rewind, the recompute saved chunk 0 again and everything after it.
-    assert [s.fragment.start for s in result["saves"][4:]] == [0, 16, 32, 48, 56]
+    assert [s.fragment.start for s in result["saves"][3:]] == [0, 16, 32, 48]
     reader = Engine(damaged)
     again = reader.run("p2", P)
-    assert again["hit"] == 57 and reader.errors == set()
-    for index in range(15):
+    assert again["hit"] == 56 and reader.errors == set()
+    for index in range(14):
         for offset, layer in enumerate(LAYERS):
             valid = min(BLOCK, len(P) - index * BLOCK)
             block = reader.block(layer, again["block_ids"][index])[:, :valid]
@@ -111,10 +111,10 @@ def test_a_step_planned_before_the_scheduler_saw_the_failure_saves_nothing_over_
     engine.scheduler.update_connector_output(set())
     step3 = engine.next_step("p", computed=0, scheduled=58)
     assert step3.failures_seen == 1
-    assert [s.fragment.start for s in step3.saves] == [0, 16, 32, 48, 56]
+    assert [s.fragment.start for s in step3.saves] == [0, 16, 32, 48]
     run_worker_step(engine, step3, P, block_ids, 0, 58)
     engine.worker.flush()
-    assert engine.worker.totals.data["saved_fragments"] == 5
+    assert engine.worker.totals.data["saved_fragments"] == 4
 
 
 def test_another_request_computed_over_a_failed_block_saves_nothing_over_it(damaged: Path) -> None:

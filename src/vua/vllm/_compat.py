@@ -37,7 +37,6 @@ __all__ = [
     "parallel_ranks",
     "recompute_failed_loads",
     "any_rank_failed",
-    "KV_TOKEN_DIM",
     "prepare_cli",
     "route_logs_like_vllm",
 ]
@@ -220,9 +219,6 @@ def any_rank_failed(failed: list[bool]) -> list[bool]:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group.cpu_group)
     return failed if flags is None else [bool(f) for f in flags.tolist()]
 
-
-# vLLM >= 0.32 presents each KV block as [kv_heads, tokens, head_size (K then V)].
-KV_TOKEN_DIM = 1
 
 
 # ---- the command line (bin/vua-vllm) ----

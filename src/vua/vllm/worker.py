@@ -28,7 +28,7 @@ from ..errors import VUAError
 from ..integrity import device_checksum, has_device_checksums
 from ..serdes import dtype_name, host_bytes
 from ..store import Fragment, FragmentStore, TensorSource
-from ._compat import KV_TOKEN_DIM, any_rank_failed
+from ._compat import any_rank_failed
 from .identity import StoreIdentity
 from .metadata import SCRATCH, FragmentRef, LoadJob, SaveJob
 from .settings import ConnectorSettings
@@ -47,7 +47,7 @@ class _OpenFragment:
     ref: FragmentRef
     block_ids: list[int]
     fragment: Fragment | None  # None: missing, unreadable, or after such a piece
-    cut: tuple[int, int] | None = None  # (block j, slots kept): the block the claim ends inside
+    ends_claim: bool = False  # holds the block the claim ends inside: read before the forward pass
     failed: bool = False
     internal_error: bool = False  # failed by a bug of ours, not by storage
 
@@ -136,21 +136,23 @@ class WorkerSide:
                     fragment = None
                 # Everything after a missing piece is unusable too: it fails with it.
                 broken = broken or fragment is None
-                step.fragments.append(_OpenFragment(job.request_id, ref, ids, fragment, self._cut(ref, job.claimed_end)))
+                ends_claim = ref.start < job.claimed_end < ref.start + ref.n_blocks * self.identity.block_size
+                step.fragments.append(_OpenFragment(job.request_id, ref, ids, fragment, ends_claim))
         readable = [opened for opened in step.fragments if opened.fragment is not None]
+        # A fragment holding the block a claim ends inside is read before the forward pass starts:
+        # vLLM then writes the slots it computes over the loaded block, never the other way round.
+        first = [opened for opened in readable if opened.ends_claim]
         for layer in self._layers:
-            step.by_layer[layer] = [self._readers.submit(self._read_layer, step, opened, layer) for opened in readable]
+            step.by_layer[layer] = [self._readers.submit(self._read_layer, step, opened, layer) for opened in first]
+        for layer in self._layers:
+            self.wait_for_layer_load(layer)
+        for layer in self._layers:
+            step.by_layer[layer] = [
+                self._readers.submit(self._read_layer, step, opened, layer) for opened in readable if not opened.ends_claim
+            ]
         if not self.settings.layerwise_load:
             for layer in self._layers:
                 self.wait_for_layer_load(layer)
-
-    def _cut(self, ref: FragmentRef, claimed_end: int) -> tuple[int, int] | None:
-        """The block of ``ref`` that ``claimed_end`` falls strictly inside, and how many of its slots are claimed."""
-        offset = claimed_end - ref.start
-        block = self.identity.block_size
-        if 0 < offset < ref.n_blocks * block and offset % block:
-            return offset // block, offset % block
-        return None
 
     def _fits(self, fragment: Fragment, ref: FragmentRef) -> bool:
         shape = (ref.n_blocks, *self.identity.block_shape)
@@ -184,21 +186,17 @@ class WorkerSide:
         step.finished = max(step.finished, time.monotonic())
 
     def _read_in_place(self, opened: _OpenFragment, layer: str) -> bool:
-        """Read straight into the paged blocks (host memory, or device memory through GDS), except
-        blocks nobody wants and the block the claim ends inside: vLLM's own KV write for the rest
-        of that block may already have happened, so it is read aside and patched."""
+        """Read straight into the paged blocks (host memory, or device memory through GDS); blocks
+        nobody wants (held by vLLM already, or past the claim) go to scratch."""
         kv = self._layers[layer]
         ids = opened.block_ids
-        cut_block = opened.cut[0] if opened.cut is not None else -1
-        aside = {j: torch.empty_like(kv[0]) for j, b in enumerate(ids) if b == SCRATCH or j == cut_block}
+        aside = {j: torch.empty_like(kv[0]) for j, b in enumerate(ids) if b == SCRATCH}
         if kv.is_cuda:
             targets = [aside[j] if j in aside else kv[b] for j, b in enumerate(ids)]
         else:
             targets = [host_bytes(aside[j]) if j in aside else self._host_blocks[layer][b] for j, b in enumerate(ids)]
         if not self.store.read(opened.fragment, [(layer, targets)], None):
             return False
-        if opened.cut is not None:
-            self._patch_cut_block(opened, kv, aside[cut_block])
         if kv.is_cuda:
             torch.cuda.current_stream(kv.device).synchronize()
         return True
@@ -210,31 +208,19 @@ class WorkerSide:
         staging = torch.empty((len(ids), *kv.shape[1:]), dtype=kv.dtype, pin_memory=True)
         if not self.store.read(opened.fragment, [(layer, [host_bytes(staging)])], None):
             return False
-        cut_block = opened.cut[0] if opened.cut is not None else -1
-        whole = [j for j, b in enumerate(ids) if b != SCRATCH and j != cut_block]
-        if whole:
-            destination = torch.tensor([ids[j] for j in whole], device=kv.device)
-            kv.index_copy_(0, destination, staging[whole].to(kv.device, non_blocking=True))
-        if opened.cut is not None:
-            self._patch_cut_block(opened, kv, staging[cut_block])
+        wanted = [j for j, b in enumerate(ids) if b != SCRATCH]
+        if wanted:
+            destination = torch.tensor([ids[j] for j in wanted], device=kv.device)
+            kv.index_copy_(0, destination, staging[wanted].to(kv.device, non_blocking=True))
         torch.cuda.current_stream(kv.device).synchronize()
         return True
-
-    def _patch_cut_block(self, opened: _OpenFragment, kv: torch.Tensor, block: torch.Tensor) -> None:
-        """Copy only the claimed slots of the block the claim ends inside."""
-        assert opened.cut is not None
-        j, kept = opened.cut
-        if opened.block_ids[j] != SCRATCH:
-            source = block.narrow(KV_TOKEN_DIM, 0, kept)
-            kv[opened.block_ids[j]].narrow(KV_TOKEN_DIM, 0, kept).copy_(source.to(kv.device, non_blocking=True))
 
     def _scrub(self, opened: _OpenFragment, layer: str) -> None:
         """Zero the blocks a failed in-place read may have filled: bytes that failed verification
         must never reach attention, not even in the step that is thrown away."""
         kv = self._layers[layer]
-        cut_block = opened.cut[0] if opened.cut is not None else -1
-        for j, b in enumerate(opened.block_ids):
-            if b != SCRATCH and j != cut_block:
+        for b in opened.block_ids:
+            if b != SCRATCH:
                 kv[b].zero_()
 
     def wait_for_layer_load(self, layer: str) -> None:
@@ -316,15 +302,9 @@ class WorkerSide:
             self._staged_bytes += nbytes
         staged = []
         done: Any = None
-        ref = job.fragment
-        unused = ref.n_blocks * self.identity.block_size - len(ref.tokens)
         device_sums: dict[str, str] = {}
         for layer, kv in self._layers.items():
             picked = kv.index_select(0, torch.tensor(job.block_ids, device=kv.device))
-            if unused:
-                # The prompt ends inside the last block: the slots past it hold whatever the block
-                # held before (another request's KV), which must not leave the engine.
-                picked[-1].narrow(KV_TOKEN_DIM, self.identity.block_size - unused, unused).zero_()
             if picked.is_cuda:
                 # Lets GPUDirect readers verify in device memory; costs one GPU pass, here, not on the host.
                 device_sums[layer] = device_checksum([picked])
