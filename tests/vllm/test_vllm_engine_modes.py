@@ -172,3 +172,20 @@ def test_lora_and_prompt_embeds_requests_are_neither_saved_nor_loaded(runs: dict
     assert lora_warm["tokens"] == lora_cold["tokens"]
     for got in (embeds_cold, embeds_warm, plain_cold, plain_warm):
         assert_close_output(got, base(runs, "P"))
+
+
+def test_prompt_if_cacheable_on_real_vllm_requests() -> None:
+    """The exclusion the engine test above sees end to end, on vLLM's own Request objects."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.request import Request
+
+    from vua.vllm._compat import prompt_if_cacheable
+
+    ids = [5, 6, 7, 8]
+    assert prompt_if_cacheable(Request("plain", ids, SamplingParams(), None)) == (ids, "")
+    assert prompt_if_cacheable(Request("salted", ids, SamplingParams(), None, cache_salt="a")) == (ids, "a")
+    lora = Request("lora", ids, SamplingParams(), None, lora_request=LoRARequest("adapter", 1, "/nonexistent"))
+    assert prompt_if_cacheable(lora) is None
+    embeds = Request("embeds", None, SamplingParams(), None, prompt_embeds=torch.zeros(4, 8))
+    assert prompt_if_cacheable(embeds) is None
