@@ -145,8 +145,9 @@ def test_tensor_parallel_ranks_store_and_load_their_own_shards(runs: dict, model
 
 @pytest.mark.xfail(strict=True, reason=(
     "bug: the worker copies a partly claimed block's slots along dim 1 of [kv_heads, block, 2*head], but "
-    "vLLM 0.32's CPU attention lays a block out per head as K[block, head] then V[block, head] "
-    "(cpu_attn.py views it as [kv_heads, 2*block, head]): the V of some claimed slots is never loaded. "
+    "vLLM 0.32's CPU attention stores a block per head as a K half packed by head dimension (ISA vec: one "
+    "token's K spans the whole K half) then a V half (cpu_attn.py, cpu_attn_reshape_and_cache), so some "
+    "claimed slots are not loaded and unclaimed ones are overwritten. "
     "Measured in float32: warm decode logprobs off by 1.5e-2, while whole-block warm runs are bit-identical"))
 def test_claims_into_the_last_partial_block(runs: dict, models: tuple[Path, Path], tmp_path: Path) -> None:
     """claim_whole_blocks false: all but the last prompt token is loaded. The warm run computes one

@@ -189,3 +189,22 @@ def test_prompt_if_cacheable_on_real_vllm_requests() -> None:
     assert prompt_if_cacheable(lora) is None
     embeds = Request("embeds", None, SamplingParams(), None, prompt_embeds=torch.zeros(4, 8))
     assert prompt_if_cacheable(embeds) is None
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: vua.vllm.worker copies a partly claimed block's slots as kv[block][:, :kept] (token dim 1), but the CPU "
+    "attention backend stores K packed by head dimension, then V: claims into a last partial block load wrong KV"))
+def test_cpu_attention_stores_a_slot_where_the_worker_copies_it() -> None:
+    """Where vLLM's CPU attention writes one token's K and V inside a block, seen through the per-layer
+    tensor the connector gets ([blocks, kv_heads, block, 2 * head]). The worker assumes slot s is [:, s, :]."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    heads, block, head = 2, 32, 64
+    kv = torch.zeros(1, heads, block, 2 * head)
+    key_cache, value_cache = kv.view(1, heads, 2 * block, head).chunk(2, dim=2)  # as cpu_attn.py does
+    slot = 5
+    ops.cpu_attn_reshape_and_cache(torch.ones(1, heads, head), torch.full((1, heads, head), 2.0), key_cache,
+                                   value_cache, torch.tensor([slot]), _get_attn_isa(torch.float32, block, head))
+    written = sorted({int(row) for row in (kv[0, 0] != 0).nonzero()[:, 0]})
+    assert written == [slot], f"slot {slot}'s K and V landed in token rows {written}"
