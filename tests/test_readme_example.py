@@ -1,47 +1,43 @@
-"""The README example, verbatim apart from the cache directory."""
+"""The README's Python API example, read from README.md and run exactly as written.
+
+It writes ``./vua_cache``, so it runs in a temporary working directory.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
-import shutil
-import tempfile
-import unittest
+import re
+from pathlib import Path
 
+import pytest
 import torch
 
-
-class ReadmeExampleTest(unittest.TestCase):
-    def test_runs_as_written(self) -> None:
-        workdir = tempfile.mkdtemp(prefix="vua-readme-")
-        self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            # ---- README, verbatim except cache_dir ----
-            import os
-            import torch
-            from vua.core import VUA, VUAConfig
-            cache_dir = os.path.join(workdir, "vua_cache")
-            os.makedirs(cache_dir, exist_ok=True)
-            vua = VUA(VUAConfig, cache_dir)
-            tokens = torch.randint(0, 0xFFFF, (1, 512), dtype=torch.uint16)
-            trimmed_tokens = VUAConfig.trim_to_split_factor(tokens)
-            kvcache = [[torch.randn(1, 2, trimmed_tokens.size(1), 64), torch.randn(1, 2, trimmed_tokens.size(1), 64)]]
-            vua.put(trimmed_tokens, kvcache)
-            result = vua.get_closest(trimmed_tokens, device="cpu")
-            print("Retrieved tokens:", result.tokens)
-            print("Retrieved data:", result.data)
-            # ---- end of README ----
-        vua.close()
-        self.assertEqual(tuple(trimmed_tokens.shape), (1, 400))
-        self.assertTrue(torch.equal(result.tokens, tokens[:, :400]))
-        self.assertEqual(len(result.data), 1)
-        for got, expected in zip(result.data[0], kvcache[0]):
-            self.assertTrue(torch.equal(got, expected))
-        self.assertIn("Retrieved tokens: tensor(", printed.getvalue())
-        self.assertIn("Retrieved data: [(tensor(", printed.getvalue())
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-if __name__ == "__main__":
-    unittest.main()
+def readme_python_api_block() -> str:
+    section = README.read_text().split("## Python API", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert match, "README.md has no ```python block under '## Python API'"
+    return match.group(1)
+
+
+def test_readme_python_api_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code = readme_python_api_block()
+    assert "vua.put(" in code and "vua.get_closest(" in code  # the block this test is about
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "readme_example"}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, f"{README}:Python API", "exec"), namespace)
+    namespace["vua"].close()
+    tokens, trimmed, kvcache, result = (namespace[k] for k in ("tokens", "trimmed_tokens", "kvcache", "result"))
+    assert tuple(trimmed.shape) == (1, 400)
+    assert torch.equal(result.tokens, tokens[:, :400])
+    assert len(result.data) == 1
+    for got, expected in zip(result.data[0], kvcache[0], strict=True):
+        assert torch.equal(got, expected)
+    assert list((tmp_path / "vua_cache").rglob("*.safetensors")), "the example stored nothing under ./vua_cache"
+    assert "Retrieved tokens: tensor(" in printed.getvalue()
+    assert "Retrieved data: [(tensor(" in printed.getvalue()

@@ -63,7 +63,7 @@ def test_repeated_completion_reports_cached_tokens(tmp_path: Path) -> None:
             [sys.executable, str(REPO / "bin" / "vua-vllm"), "serve", str(model), "--host", "127.0.0.1",
              "--port", str(port), "--kv-transfer-config", json.dumps(config), "--enable-prompt-tokens-details",
              "--max-num-batched-tokens", "256", "--block-size", "32", "--max-model-len", "4096",
-             "--no-enable-prefix-caching", "--enforce-eager", "--dtype", "bfloat16"],
+             "--no-enable-prefix-caching", "--enforce-eager", "--dtype", "float32"],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
         )
     try:

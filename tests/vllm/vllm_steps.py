@@ -38,7 +38,7 @@ def identity(model: str = "tiny", **changes) -> StoreIdentity:
 
 
 def settings(root: Path, **extra) -> ConnectorSettings:
-    # Claims reach into the prompt's last, partial block (recomputing only the last token).
+    # Claims reach the last prompt token (recomputing only it when the prompt ends on a block boundary).
     config = {"shared_storage_path": str(root), "chunk_size": CHUNK, "durable": False, "io_threads": 2,
               "claim_whole_blocks": False, "min_recompute_tokens": 1, **extra}
     return ConnectorSettings.from_extra_config(config, block_size=BLOCK, max_num_batched_tokens=64)
