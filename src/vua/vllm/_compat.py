@@ -37,6 +37,7 @@ __all__ = [
     "parallel_ranks",
     "recompute_failed_loads",
     "any_rank_failed",
+    "allow_cpu_attention_tiles",
     "prepare_cli",
     "route_logs_like_vllm",
 ]
@@ -199,6 +200,18 @@ def recompute_failed_loads(vllm_config: "VllmConfig") -> str | None:
         return None
     config.kv_load_failure_policy = "recompute"
     return str(previous)
+
+
+def allow_cpu_attention_tiles() -> None:
+    """Ask Linux for the AMX tile state vLLM's CPU attention uses for bf16 (ISA ``amx``).
+
+    vLLM's attention kernel uses AMX without asking for it; the process gets permission only when
+    some oneDNN matmul asks first, which a prefill of many tokens does. With VUA the first forward
+    pass of a fresh engine can compute a single token (the rest is loaded), and the attention
+    kernel then dies of SIGILL. Asking is idempotent and harmless where AMX is absent.
+    """
+    if torch.cpu._is_amx_tile_supported():
+        torch.cpu._init_amx()
 
 
 def any_rank_failed(failed: list[bool]) -> list[bool]:

@@ -28,7 +28,7 @@ from ..errors import VUAError
 from ..integrity import device_checksum, has_device_checksums
 from ..serdes import dtype_name, host_bytes
 from ..store import Fragment, FragmentStore, TensorSource
-from ._compat import any_rank_failed
+from ._compat import allow_cpu_attention_tiles, any_rank_failed
 from .identity import StoreIdentity
 from .metadata import SCRATCH, FragmentRef, LoadJob, SaveJob
 from .settings import ConnectorSettings
@@ -89,6 +89,8 @@ class WorkerSide:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Keep the per-layer paged tensors whose layout is the one the namespace records; refuse the rest."""
         expected = tuple(self.identity.block_shape)
+        if any(not tensor.is_cuda for tensor in kv_caches.values()):
+            allow_cpu_attention_tiles()
         for name, tensor in kv_caches.items():
             block_numel = tensor[0].numel() if tensor.dim() > 1 else 0
             fits = (
