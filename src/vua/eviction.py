@@ -10,6 +10,11 @@ Policy (:func:`collect`):
   their chain (higher ``vua_start``), so that shared prefixes, which serve every longer prompt,
   stay reachable. Only the last, partly evicted step has its headers read.
 
+Memory: the scan streams. Nothing is kept per fragment except a bounded heap of the
+``max_candidates`` most evictable ones (about 400 bytes each), so a store of 10 million fragments
+costs what one of 10 thousand does; when evicting a heap's worth is not enough, the store is
+scanned again (each scan is a full walk, so such a pass costs more time, never more memory).
+
 Safety with vLLM nodes reading and writing the same root: ``unlink`` of a published file is
 atomic, so a reader opens either the whole fragment or nothing, and a reader that already has it
 open keeps its bytes (on NFSv3 such a read may fail with ESTALE, which the store turns into a
