@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import os
-from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -31,6 +31,7 @@ __all__ = [
     "ScheduledRequest",
     "scheduled_requests",
     "prompt_if_cacheable",
+    "known_token_ids",
     "served_attention_spec",
     "kv_cache_settings",
     "kv_block_size",
@@ -127,6 +128,12 @@ def prompt_if_cacheable(request: Any) -> tuple[list[int], str] | None:
     if getattr(request, "mm_features", None) or getattr(request, "lora_request", None) is not None:
         return None
     return request.prompt_token_ids, getattr(request, "cache_salt", None) or ""
+
+
+def known_token_ids(request: Any) -> Sequence[int]:
+    """The request's prompt and generated token ids so far: sampled tokens only, never the
+    placeholders of async scheduling or unverified speculative drafts (those are kept apart)."""
+    return request.all_token_ids
 
 
 def served_attention_spec(kv_cache_config: "KVCacheConfig") -> tuple[Any, bool]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ._compat import KVConnectorStats
 
-__all__ = ["VUAConnectorStats", "COUNTERS"]
+__all__ = ["VUAConnectorStats", "COUNTERS", "LOOKUP_BUCKETS"]
 
 COUNTERS = (
     "requests",  # prompts looked up
@@ -28,7 +28,19 @@ COUNTERS = (
     "saves_skipped",  # saves dropped because staging memory was full
     "saves_poisoned",  # saves dropped because they were computed over KV that failed to load
     "internal_errors",  # bugs caught in the worker (logged with a traceback): a recompute, not a crash
+    "decode_saves",  # fragments planned for saving that hold generated tokens (the answer, for the next turn)
+    "tails_skipped",  # tails not stored because their head directory already holds MAX_TAILS_PER_HEAD
+    "lookups",  # store lookups run (a prompt deferred and asked again is looked up once)
+    "lookup_seconds",  # their summed wall time
+    "lookups_deferred",  # answers "ask again later": the lookup ran past lookup_budget_ms
+    # A histogram of lookup times, cumulative like Prometheus buckets: lookups that took at most...
+    "lookups_le_1ms",
+    "lookups_le_10ms",
+    "lookups_le_100ms",
 )
+
+# (counter, upper bound in seconds) of the lookup-time histogram.
+LOOKUP_BUCKETS = (("lookups_le_1ms", 1e-3), ("lookups_le_10ms", 1e-2), ("lookups_le_100ms", 1e-1))
 
 
 @dataclass
@@ -40,6 +52,13 @@ class VUAConnectorStats(KVConnectorStats):
     def add(self, **counts: float) -> None:
         for name, value in counts.items():
             self.data[name] += value
+
+    def add_lookup(self, seconds: float) -> None:
+        self.data["lookups"] += 1
+        self.data["lookup_seconds"] += seconds
+        for name, bound in LOOKUP_BUCKETS:
+            if seconds <= bound:
+                self.data[name] += 1
 
     def reset(self) -> None:
         self.data = {name: 0 for name in COUNTERS}
@@ -67,6 +86,9 @@ class VUAConnectorStats(KVConnectorStats):
             "Saves skipped": d["saves_skipped"],
             "Saves dropped after a failed load": d["saves_poisoned"],
             "Internal errors": d["internal_errors"],
+            "Decode fragments planned": d["decode_saves"],
+            "Lookup ms (mean)": round(1e3 * d["lookup_seconds"] / d["lookups"], 3) if d["lookups"] else 0.0,
+            "Lookups deferred": d["lookups_deferred"],
         }
 
     def snapshot(self) -> dict[str, Any]:
