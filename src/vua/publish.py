@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -57,16 +58,25 @@ def make_dirs(directory: Path, mode: int, root: Path | None = None) -> None:
     os.chmod(directory, mode)
 
 
+# Pauses before each retry of creating a temporary file: enough for a network filesystem's
+# directory caches to settle (GlusterFS measured: retries within 10 ms kept failing).
+_CREATE_BACKOFF_S = (0.0, 0.05, 0.2, 0.5, 1.0)
+
+
 def _create_temp(tmp: Path, file_mode: int, dir_mode: int, root: Path | None) -> int:
-    """Create ``tmp`` (and its directories); retried once because gc may remove an empty directory
-    between our mkdir and our create (it only ever removes empty ones, so a second try wins)."""
+    """Create ``tmp`` (and its directories), retried when its directory is not there after all:
+    gc may remove an empty directory between our mkdir and our create (it only ever removes
+    empty ones), and on a network filesystem two nodes creating the same new directory at once
+    can leave the loser's client with a stale entry (ENOENT or ESTALE) for a moment."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for attempt in (1, 2):
-        make_dirs(tmp.parent, dir_mode, root)
+    for attempt, pause in enumerate(_CREATE_BACKOFF_S):
+        time.sleep(pause)
         try:
+            make_dirs(tmp.parent, dir_mode, root)
             return os.open(tmp, flags, file_mode)
-        except FileNotFoundError:
-            if attempt == 2:
+        except OSError as exc:
+            retry = exc.errno in (errno.ENOENT, errno.ESTALE) and attempt < len(_CREATE_BACKOFF_S) - 1
+            if not retry or (root is not None and not root.is_dir()):  # a vanished root stays vanished
                 raise
     raise AssertionError("unreachable")
 

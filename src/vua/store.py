@@ -93,7 +93,7 @@ class Fragment:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            os.close(self.file.fd)
+            _close_quietly(self.file.fd)
 
     def __enter__(self) -> "Fragment":
         return self
@@ -269,7 +269,7 @@ class FragmentStore:
             self._fault(path, exc, discard=exc.errno == errno.ELOOP)
             return None
         if not self._inside_store(fd):
-            os.close(fd)
+            _close_quietly(fd)
             # Not discarded: unlinking through the planted directory link would act outside the root.
             self._fault(path, OSError(errno.ELOOP, "a directory on the path is a link out of the store"), discard=False)
             return None
@@ -283,7 +283,7 @@ class FragmentStore:
                 self.on_hit(fd, info)
             return Fragment(path, OpenFile(fd, path, info.st_size), header)
         except (FragmentFormatError, OSError) as exc:
-            os.close(fd)
+            _close_quietly(fd)
             self._fault(path, exc, discard=isinstance(exc, FragmentFormatError))
             return None
 
@@ -347,6 +347,16 @@ class FragmentStore:
                 os.unlink(path)
             except OSError:
                 pass
+
+
+def _close_quietly(fd: int) -> None:
+    """Close ``fd``; a network filesystem may report an error here (GlusterFS: ESTALE for a file
+    another node deleted while it was open), but the descriptor is released either way and the
+    read that mattered has already succeeded or failed on its own."""
+    try:
+        os.close(fd)
+    except OSError as exc:
+        logger.debug("VUA: closing a fragment: %s", exc)
 
 
 def _stored_tokens(fd: int, header: Header, head: bytes) -> np.ndarray:
