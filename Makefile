@@ -27,13 +27,13 @@ test-multinode: setup
 	$(PY) -m pytest -q -s tests/multinode
 
 demo: setup
-	$(PY) -m vua.demo
+	$(PY) -m vua.tools.demo
 
 bench: setup
 	$(PY) benchmarks/core_io.py
 
 bench-e2e: setup
-	$(PY) -m vua.bench --out bench-results
+	$(PY) -m vua.tools.bench --out bench-results
 
 soak: setup
 	VUA_SOAK=5 $(PY) -m pytest -q -s tests/faults

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from vua import VUA, VUAConfig
-from vua.tinymodel import TinyLlamaSpec, build_tiny_llama
+from vua.tools.tinymodel import TinyLlamaSpec, build_tiny_llama
 
 
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, cache: DynamicCache | None = None) -> tuple[list[int], float]:

@@ -16,7 +16,7 @@ PYTHON=${PYTHON:-$repo/.venv/bin/python}
 PORT=${PORT:-8000}
 CHUNK_SIZE=${CHUNK_SIZE:-256}
 PROMPT_WORDS=${PROMPT_WORDS:-2000}
-MODEL=${MODEL:-$("$PYTHON" -c 'from vua.tinymodel import build_tiny_llama; print(build_tiny_llama())')}
+MODEL=${MODEL:-$("$PYTHON" -c 'from vua.tools.tinymodel import build_tiny_llama; print(build_tiny_llama())')}
 
 made_root=""
 if [ -z "${VUA_ROOT:-}" ]; then

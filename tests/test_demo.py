@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vua import bench
+from vua.tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.vllm
 def test_quick_demo_reuses_stored_tokens_with_identical_outputs() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "vua.demo"],
+        [sys.executable, "-m", "vua.tools.demo"],
         cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "VUA_DEMO_QUICK": "1"},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

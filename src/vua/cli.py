@@ -6,7 +6,7 @@
     vua stats ROOT [--json]                  totals, age and last-use histograms
     vua verify ROOT [--fix] [--json]         check every fragment; --fix removes the bad ones
     vua gc ROOT --max-size 200G [--max-age 7d] [--dry-run] [--json]
-    vua bench [--lengths 1024,2048] ...      TTFT with vLLM, side by side (:mod:`vua.bench`)
+    vua bench [--lengths 1024,2048] ...      TTFT with vLLM, side by side (:mod:`vua.tools.bench`)
 
 Exit status: 0 when done and nothing is wrong, 1 when ``verify`` leaves problems in place,
 2 for a bad argument or a missing root.
@@ -25,7 +25,6 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Any, Callable, Sequence, TextIO
 
-from . import bench
 from .errors import VUAError
 from .eviction import DEFAULT_RESOLUTION_S, DEFAULT_TEMP_GRACE_S, collect
 from .inventory import FULL, STRAY, TAIL, TEMP, StoredFile, check_fragment, namespaces, walk
@@ -291,13 +290,18 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--resolution", type=parse_duration, default=DEFAULT_RESOLUTION_S, help="uses closer than this count as equally recent (default 10m)")
     gc.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
     bench_help = "time to first token with vLLM: recompute vs vLLM's ExampleConnector vs VUA"
-    bench_command = commands.add_parser("bench", help=bench_help, description=bench_help)
-    bench.add_arguments(bench_command)
-    bench_command.set_defaults(handler=lambda args, out: bench.run(args))
+    # Listed here for --help only: main() hands `vua bench ...` to vua.tools.bench, which needs
+    # vLLM and a plotting library that the operator commands must not import.
+    commands.add_parser("bench", help=bench_help, description=bench_help)
     return parser
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from .tools import bench
+
+        return bench.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -314,3 +318,4 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from vllm_engine_run import P, assert_close_output, assert_same_output, run_engine, stored_fragments
 
-from vua.tinymodel import TinyLlamaSpec, build_tiny_llama
+from vua.tools.tinymodel import TinyLlamaSpec, build_tiny_llama
 
 pytestmark = [pytest.mark.multinode, pytest.mark.vllm]
 

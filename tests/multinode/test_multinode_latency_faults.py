@@ -69,8 +69,13 @@ def median_ms(call: Callable[[], object], rounds: int = 5) -> float:
 
 
 def connector_lookup(engine: Engine, tokens: list[int], name: str) -> int:
+    """The connector's answer, asked again as vLLM does while a lookup over its time budget
+    (``lookup_budget_ms``) says "not yet" (None) and goes on in the background."""
     request = Request(name, list(tokens), SamplingParams(max_tokens=1), None)
-    hit, _ = engine.scheduler.get_num_new_matched_tokens(request, 0)
+    deadline = time.monotonic() + 60
+    while (hit := engine.scheduler.get_num_new_matched_tokens(request, 0)[0]) is None:
+        assert time.monotonic() < deadline, "a deferred lookup never finished"
+        time.sleep(0.001)
     return hit
 
 

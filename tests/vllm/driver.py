@@ -41,7 +41,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
-    from vua._engine_runner import vua_connector
+    from vua.tools.engine_runner import vua_connector
 
     if job.get("force_async_scheduling"):
         _keep_async_scheduling()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from vllm_engine_run import CHUNK, P, assert_close_output, run_engine, stored_fragments
 
-from vua.tinymodel import TinyLlamaSpec, build_tiny_llama
+from vua.tools.tinymodel import TinyLlamaSpec, build_tiny_llama
 
 pytestmark = pytest.mark.vllm
 

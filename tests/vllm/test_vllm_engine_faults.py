@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from vllm_engine_run import assert_same_output, run_engine
 
-from vua.tinymodel import TinyLlamaSpec, build_tiny_llama
+from vua.tools.tinymodel import TinyLlamaSpec, build_tiny_llama
 
 pytestmark = pytest.mark.vllm
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from vllm_engine_run import CHUNK, P, P2, P_EXT, Q, assert_close_output, run_engine, stored_fragments
 
-from vua.tinymodel import TinyLlamaSpec, build_tiny_llama
+from vua.tools.tinymodel import TinyLlamaSpec, build_tiny_llama
 
 pytestmark = pytest.mark.vllm
 

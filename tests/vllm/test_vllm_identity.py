@@ -25,7 +25,7 @@ from vllm.v1.kv_cache_interface import (
 )
 
 from vua.errors import ConfigError
-from vua.tinymodel import TinyLlamaSpec, build_tiny_llama
+from vua.tools.tinymodel import TinyLlamaSpec, build_tiny_llama
 from vua.vllm.identity import store_identity, weights_fingerprint
 
 BLOCK = 32

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vua.tinymodel import TinyLlamaSpec, build_tiny_llama
+from vua.tools.tinymodel import TinyLlamaSpec, build_tiny_llama
 
 from vllm_engine_run import CHUNK, P
 

@@ -9,7 +9,7 @@ to the median of all recompute requests (its cold and warm requests do the same 
 medians, ratios to recompute, the tokens reused, load GB/s (VUA's connector stats) and whether
 every output matches recompute; writes ``bench.md``, ``bench.json`` and ``bench.png``.
 
-    python -m vua.bench --lengths 1024,2048,4096,8192 --requests 3 --out bench-results
+    python -m vua.tools.bench --lengths 1024,2048,4096,8192 --requests 3 --out bench-results
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._engine_runner import (
+from .engine_runner import (
     EngineProcess,
     Phase,
     cpu_engine_env,
@@ -73,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=3, help="cold and warm requests per length (medians are reported)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="VUA chunk_size (a multiple of the KV block size, 128)")
     parser.add_argument(
-        "--claim-into-last-block", action="store_true",
-        help="VUA with claim_whole_blocks false: load all but the last prompt token (faster, not bit-exact)",
+        "--whole-block-claims", action="store_true",
+        help="VUA with claim_whole_blocks true: claims end on a KV-block boundary (bit-identical, slower at block-aligned lengths)",
     )
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"which of {','.join(SYSTEMS)} to run")
     parser.add_argument("--root", help="storage root (default: a temporary directory, removed after)")
@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         "recompute": None,
         "example": example_connector(root / "example"),
         "vua": vua_connector(
-            root / "vua", args.chunk_size, **({"claim_whole_blocks": False} if args.claim_into_last_block else {})
+            root / "vua", args.chunk_size, **({"claim_whole_blocks": True} if args.whole_block_claims else {})
         ),
     }
     env = cpu_engine_env()
@@ -281,20 +281,25 @@ def run(args: argparse.Namespace) -> int:
         if "recompute" in results:
             baseline = [row["output_ids"] for row in results["recompute"]["phases"][f"cold-{length}"]]
         cells += [_system_cell(system, length, results[system], baseline) for system in systems]
-    bytes_per_token = kv_bytes_per_token(model)
+    bytes_per_token = kv_bytes_per_token(model, options["dtype"])
     header = (
         f"Model {Path(model).name} ({bytes_per_token // 1024} KiB of KV per token); {_machine()}; "
         f"{args.requests} requests per length, medians; VUA chunk_size {args.chunk_size}"
-        f"{', claims into the last partial block' if args.claim_into_last_block else ', whole-block claims'}; "
+        f"{', whole-block claims' if args.whole_block_claims else ', claims up to the last prompt token'}; "
         f"total {time.perf_counter() - began:.0f} s."
     )
     table = _markdown(cells, lengths)
     goals = _goals(cells, lengths)
     (out / "bench.md").write_text(header + "\n\n" + table + "\n\n" + "\n".join(f"- {g}" for g in goals) + "\n")
     (out / "bench.json").write_text(json.dumps({"model": model, "options": options, "cells": [asdict(c) for c in cells], "raw": results}, default=str))
-    _plot(cells, lengths, out / "bench.png", f"vLLM (CPU) TTFT, {Path(model).name}")
+    written = [out / "bench.md", out / "bench.json"]
+    try:
+        _plot(cells, lengths, out / "bench.png", f"vLLM (CPU) TTFT, {Path(model).name}")
+        written.append(out / "bench.png")
+    except ImportError:
+        print("vua bench: no plot (matplotlib is not installed: pip install 'vua[bench]')", file=sys.stderr)
     print("\n" + header + "\n\n" + table + "\n\n" + "\n".join(goals))
-    print(f"\nwrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.png'}")
+    print("\nwrote " + ", ".join(str(p) for p in written))
     identical = all(c.identical for c in cells)
     return 0 if identical else 1
 

@@ -6,9 +6,9 @@ process, so the only way to skip the prefill is to load what the previous one sa
 time to first token, tokens reused, bytes and GB/s loaded, and whether all three produced the
 same tokens. The store is a temporary directory, removed at the end.
 
-    python -m vua.demo                 # built-in random-weight Llama, 4096-token prompt
-    MODEL=/models/llama python -m vua.demo --prompt-tokens 8000
-    VUA_DEMO_QUICK=1 python -m vua.demo   # tiny model and prompt (what the test suite runs)
+    python -m vua.tools.demo                 # built-in random-weight Llama, 4096-token prompt
+    MODEL=/models/llama python -m vua.tools.demo --prompt-tokens 8000
+    VUA_DEMO_QUICK=1 python -m vua.tools.demo   # tiny model and prompt (what the test suite runs)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._engine_runner import (
+from .engine_runner import (
     EngineRunError,
     Phase,
     engine_options,
@@ -89,7 +89,7 @@ def run_demo(model: str, prompt_tokens: int, max_tokens: int, chunk_size: int, s
     # The warm-up prompt (same length, different tokens) takes the first-request costs out of the timing.
     phases = [Phase("warmup", [warmup], max_tokens=1), Phase("request", [prompt], max_tokens=max_tokens)]
     options = engine_options(model, prompt_tokens, max_tokens)
-    bytes_per_token = kv_bytes_per_token(model)
+    bytes_per_token = kv_bytes_per_token(model, options["dtype"])
     runs = [
         ("vLLM, no connector (recompute)", None),
         ("vLLM + VUA, cold store (save)", vua_connector(store_root, chunk_size)),
@@ -110,7 +110,7 @@ def run_demo(model: str, prompt_tokens: int, max_tokens: int, chunk_size: int, s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vua.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vua.tools.demo", description=__doc__.split("\n\n")[0])
     quick = os.environ.get("VUA_DEMO_QUICK", "") not in ("", "0")
     parser.add_argument("--model", default=os.environ.get("MODEL"), help="local path or hub name (default: built-in random-weight Llama)")
     parser.add_argument("--prompt-tokens", type=int, help="prompt length (default 4096; 512 with --quick)")
