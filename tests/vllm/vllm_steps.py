@@ -8,6 +8,7 @@ compute would have produced.
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,11 +69,21 @@ class Engine:
         self._free = list(range(NUM_BLOCKS))
         self.errors: set[int] = set()
 
+    def lookup(self, request: Request, local_hit: int = 0) -> int:
+        """The connector's claim, asked again while it answers "not yet" (None), as vLLM's scheduler does."""
+        deadline = time.monotonic() + 60
+        while True:
+            hit, is_async = self.scheduler.get_num_new_matched_tokens(request, local_hit)
+            if hit is not None:
+                assert is_async is False
+                return hit
+            assert time.monotonic() < deadline, "a deferred lookup never finished"
+            time.sleep(0.001)
+
     def run(self, request_id: str, tokens: list[int], step_tokens: int = 64, salt: str | None = None) -> dict:
         """Prefill ``tokens`` in steps of ``step_tokens``; returns what the connector claimed and loaded."""
         request = Request(request_id, list(tokens), SamplingParams(max_tokens=1), None, cache_salt=salt)
-        hit, is_async = self.scheduler.get_num_new_matched_tokens(request, 0)
-        assert is_async is False
+        hit = self.lookup(request)
         n_blocks = -(-len(tokens) // BLOCK)
         block_ids = [self._free.pop(0) for _ in range(n_blocks)]
         self.scheduler.update_state_after_alloc(request, KVCacheBlocks(([KVCacheBlock(b) for b in block_ids],)), hit)
@@ -115,7 +126,7 @@ class Engine:
         """Prefill ``prompt``, then generate ``answer`` one token a step (the tokens are given, not
         sampled), finish, and run the step after it; returns the saves planned and the step after."""
         request = Request(request_id, list(prompt), SamplingParams(max_tokens=len(answer)), None)
-        hit, _ = self.scheduler.get_num_new_matched_tokens(request, 0)
+        hit = self.lookup(request)
         tokens = list(prompt) + list(answer)
         block_ids = [self._free.pop(0) for _ in range(-(-len(tokens) // BLOCK))]
         self.scheduler.update_state_after_alloc(request, KVCacheBlocks(([KVCacheBlock(b) for b in block_ids],)), hit)
@@ -154,7 +165,7 @@ class Engine:
     def first_step(self, request_id: str, tokens: list[int], block_ids: list[int], scheduled: int = 2):
         """Look up, allocate and schedule a new request for one step; the connector metadata of that step."""
         request = Request(request_id, list(tokens), SamplingParams(max_tokens=1), None)
-        hit, _ = self.scheduler.get_num_new_matched_tokens(request, 0)
+        hit = self.lookup(request)
         self.scheduler.update_state_after_alloc(request, KVCacheBlocks(([KVCacheBlock(b) for b in block_ids],)), hit)
         output = SchedulerOutput.make_empty()
         output.scheduled_new_reqs = [NewRequestData.from_request(request, (block_ids,))]
