@@ -15,7 +15,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from .backends import ShortReadError
 from .errors import FragmentFormatError
@@ -67,14 +67,14 @@ class StoredFile:
 class NamespaceInfo:
     name: str
     path: Path
-    description: dict | None  # namespace.json, None when missing or unreadable
+    description: dict[str, Any] | None  # namespace.json, None when missing or unreadable
 
 
 def _is_hex(name: str, length: int) -> bool:
     return len(name) == length and set(name) <= _HEX
 
 
-def _subdirs(path: str | Path) -> Iterator[os.DirEntry]:
+def _subdirs(path: str | Path) -> Iterator[os.DirEntry[str]]:
     try:
         with os.scandir(path) as entries:
             yield from entries
@@ -98,7 +98,7 @@ def namespaces(root: str | os.PathLike[str]) -> list[NamespaceInfo]:
     return sorted(found, key=lambda n: n.name)
 
 
-def _stored(entry: os.DirEntry, namespace: str, kind: str, key: str = "") -> StoredFile | None:
+def _stored(entry: os.DirEntry[str], namespace: str, kind: str, key: str = "") -> StoredFile | None:
     try:
         info = entry.stat(follow_symlinks=False)
     except FileNotFoundError:
@@ -122,7 +122,7 @@ def walk(root: str | os.PathLike[str]) -> Iterator[StoredFile]:
                     yield found
 
 
-def _walk_fans(top: str, namespace: str, kind: str, first: os.DirEntry | None = None) -> Iterator[StoredFile]:
+def _walk_fans(top: str, namespace: str, kind: str, first: os.DirEntry[str] | None = None) -> Iterator[StoredFile]:
     """Walk ``<aa>/<bb>/<digest>/`` levels (below ``top`` for tails; ``first`` is ``<aa>`` itself for full ones)."""
     levels = [first] if first is not None else list(_subdirs(top))
     for level1 in levels:
@@ -143,14 +143,14 @@ def _walk_fans(top: str, namespace: str, kind: str, first: os.DirEntry | None = 
                         yield found
 
 
-def _strays(entries: list[os.DirEntry], namespace: str) -> Iterator[StoredFile]:
+def _strays(entries: list[os.DirEntry[str]], namespace: str) -> Iterator[StoredFile]:
     for entry in entries:
         found = _stored(entry, namespace, STRAY)
         if found:
             yield found
 
 
-def _classify(entry: os.DirEntry, namespace: str, kind: str, leaf: str) -> StoredFile | None:
+def _classify(entry: os.DirEntry[str], namespace: str, kind: str, leaf: str) -> StoredFile | None:
     name = entry.name
     if is_temp_name(name):
         return _stored(entry, namespace, TEMP)

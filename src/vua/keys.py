@@ -102,7 +102,7 @@ def chained_digests(tokens: np.ndarray, granularity: int, seed: bytes, count: in
 def _link_digest(parent: bytes, tokens: np.ndarray) -> bytes:
     """One link of the chain: the digest of ``parent``'s prefix extended by ``tokens``."""
     hasher = xxhash.xxh3_128(parent)
-    hasher.update(memoryview(np.ascontiguousarray(tokens, dtype="<i8")).cast("B"))
+    hasher.update(np.ascontiguousarray(tokens, dtype="<i8").data.cast("B"))
     return hasher.digest()
 
 

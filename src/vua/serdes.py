@@ -154,7 +154,7 @@ def decode_header_length(prefix: bytes | memoryview, file_size: int) -> int:
         raise FragmentFormatError(f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit")
     if 8 + length > file_size:
         raise FragmentFormatError(f"header length {length} runs past the end of a {file_size}-byte buffer")
-    return length
+    return int(length)
 
 
 def _int_list(value: object, what: str) -> list[int]:
@@ -229,7 +229,7 @@ def tensor_bytes_view(tensor: torch.Tensor) -> memoryview:
     flat = tensor.reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def tensor_to_bytes(tensor: torch.Tensor, name: str, metadata: Mapping[str, str] | None = None) -> bytes:

@@ -245,10 +245,12 @@ class FragmentStore:
         if self.exists(target):
             return
         text = json.dumps(json.loads(self.namespace.canonical()), indent=1).encode()
+
+        def write(fd: int) -> None:
+            os.write(fd, text)
+
         try:
-            publish_file(
-                target, lambda fd: os.write(fd, text), file_mode=self.file_mode, dir_mode=self.dir_mode, root=self.layout.root
-            )
+            publish_file(target, write, file_mode=self.file_mode, dir_mode=self.dir_mode, root=self.layout.root)
         except StoreWriteError as exc:
             logger.debug("could not describe namespace %s: %s", self.namespace.name, exc)
 
@@ -376,7 +378,7 @@ def _is_host(buffer: Any) -> bool:
 
 def _nbytes(buffer: Any) -> int:
     if hasattr(buffer, "element_size"):
-        return buffer.numel() * buffer.element_size()
+        return int(buffer.numel() * buffer.element_size())
     return memoryview(buffer).nbytes
 
 

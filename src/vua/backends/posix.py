@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .base import OpenFile, ShortReadError
 
@@ -16,7 +16,7 @@ def _byte_views(buffers: Sequence[Any]) -> list[memoryview]:
     return [memoryview(b).cast("B") for b in buffers]
 
 
-def _transfer(call, fd: int, offset: int, buffers: Sequence[Any]) -> None:
+def _transfer(call: Callable[[int, list[memoryview], int], int], fd: int, offset: int, buffers: Sequence[Any]) -> None:
     """Loop ``call`` (os.preadv or os.pwritev) until every buffer is done, at most IOV_MAX at a time."""
     pending = [v for v in _byte_views(buffers) if v.nbytes]
     while pending:

@@ -194,7 +194,7 @@ class SchedulerSide:
     # ---- lookups ----
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        """Stored tokens beyond ``num_computed_tokens``: fully persisted, and short of the whole request;
+        """Stored tokens beyond ``num_computed_tokens``: completely written, and short of the whole request;
         None ("ask again later") while the lookup is still running after ``lookup_budget_ms``.
 
         At least ``min_recompute_tokens`` tokens are left to compute (vLLM needs the last one's
