@@ -114,3 +114,49 @@ class BackendContract:
                 self.backend.write_from(fd, 0, [b"x"])
         finally:
             os.close(fd)
+
+    # ---- the store on this backend: what it reads is verified, whatever memory it lands in ----
+
+    def _store_with_fragment(self) -> tuple[Any, Path, dict[str, bytes], np.ndarray]:
+        import torch
+
+        from vua.integrity import device_checksum
+        from vua.keys import Namespace
+        from vua.store import FragmentStore, TensorSource
+
+        store = FragmentStore(self.dir, Namespace(granularity=4, identity="contract"), backend=self.backend, durable=False)
+        tensors = {"layer.0": self.random_bytes(4096), "layer.1": self.random_bytes(65540)}
+        tokens = np.arange(4, dtype="<i8")
+        path = store.layout.fragment_path(b"c" * 16, "s")
+        sums = {name: device_checksum([torch.frombuffer(bytearray(data), dtype=torch.uint8)]) for name, data in tensors.items()}
+        sources = [TensorSource(name, "U8", (len(data),), [np.frombuffer(data, np.uint8)]) for name, data in tensors.items()]
+        self.assertTrue(store.write(path, b"c" * 16, tokens, sources, start=0, device_checksums=sums))  # type: ignore[attr-defined]
+        return store, path, tensors, tokens
+
+    def _read_through_store(self, store: Any, path: Path, tensors: dict[str, bytes], tokens: np.ndarray) -> dict[str, bytes] | None:
+        fragment = store.open(path, b"c" * 16, tokens)
+        self.assertIsNotNone(fragment)  # type: ignore[attr-defined]
+        with fragment:
+            # Each tensor lands in three buffers of this backend's kind (host or device memory).
+            wanted = {name: [self.make_buffer(n) for n in (4, len(data) - 8, 4)] for name, data in tensors.items()}
+            if not store.read(fragment, list(wanted.items()), None):
+                return None
+        return {name: b"".join(self.buffer_bytes(b) for b in buffers) for name, buffers in wanted.items()}
+
+    def test_store_reads_a_fragment_through_this_backend(self) -> None:
+        store, path, tensors, tokens = self._store_with_fragment()
+        self.assertEqual(self._read_through_store(store, path, tensors, tokens), tensors)  # type: ignore[attr-defined]
+
+    def test_store_verifies_what_this_backend_reads(self) -> None:
+        store, path, tensors, tokens = self._store_with_fragment()
+        with open(path, "r+b") as handle:  # one byte of the last tensor's data
+            handle.seek(-100, os.SEEK_END)
+            byte = handle.read(1)
+            handle.seek(-100, os.SEEK_END)
+            handle.write(bytes([byte[0] ^ 1]))
+        self.assertIsNone(self._read_through_store(store, path, tensors, tokens))  # type: ignore[attr-defined]
+        self.assertFalse(path.exists())  # type: ignore[attr-defined]  # removed, for the next writer
+
+    def test_store_refuses_a_fragment_of_other_tokens(self) -> None:
+        store, path, _, _ = self._store_with_fragment()
+        self.assertIsNone(store.open(path, b"c" * 16, np.arange(1, 5, dtype="<i8")))  # type: ignore[attr-defined]
