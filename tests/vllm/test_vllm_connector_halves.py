@@ -15,7 +15,7 @@ from vllm.v1.request import Request
 
 from vua.vllm.settings import DISABLE_GET, DISABLE_PUT
 
-from vllm_steps import BLOCK, CHUNK, LAYERS, Engine, expected_block, identity
+from vllm_steps import count_metadata_calls, BLOCK, CHUNK, LAYERS, Engine, expected_block, identity
 
 rng = random.Random(7)
 P = [rng.randrange(3, 5000) for _ in range(58)]  # 3 full chunks, a tail of 2 blocks, 2 tokens past the last whole block
@@ -254,14 +254,10 @@ def test_incompatible_kv_layout_turns_the_worker_off(stored: Path) -> None:
 
 
 def test_a_whole_hit_costs_two_stats_and_a_listing(stored: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    for name in ("lstat", "stat", "listdir", "scandir"):
-        original = getattr(os, name)
-        monkeypatch.setattr(os, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    calls = count_metadata_calls(monkeypatch)
     engine = Engine(stored)
     from vllm import SamplingParams
 
-    assert engine.scheduler.switches.get_enabled  # looks at disable-get now, then not for a second
     calls.clear()
     assert engine.scheduler.get_num_new_matched_tokens(Request("c", P, SamplingParams(), None), 0)[0] == 56
     assert calls == ["lstat", "lstat", "listdir"]  # chunk 0, chunk 2 (the last), one listing for the tail

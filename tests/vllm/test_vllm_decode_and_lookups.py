@@ -20,7 +20,7 @@ from vllm.v1.request import Request
 from vua.layout import MAX_TAILS_PER_HEAD
 from vua.vllm.scheduler import TokenKeys, find_stored_prefix
 
-from vllm_steps import BLOCK, CHUNK, Engine, identity
+from vllm_steps import count_metadata_calls, BLOCK, CHUNK, Engine, identity
 
 rng = random.Random(11)
 P = [rng.randrange(3, 5000) for _ in range(58)]  # 3 full chunks, 2 more whole blocks, 2 tokens past them
@@ -84,11 +84,7 @@ def test_a_preempted_request_aborted_while_waiting_holds_nothing(tmp_path: Path)
 
 
 def _count_metadata_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    calls: list[str] = []
-    for name in ("lstat", "stat", "listdir", "scandir"):
-        original = getattr(os, name)
-        monkeypatch.setattr(os, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
-    return calls
+    return count_metadata_calls(monkeypatch)
 
 
 def _touch(path: Path) -> None:

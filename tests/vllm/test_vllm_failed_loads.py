@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,60 @@ def test_a_bug_in_the_worker_is_logged_with_its_traceback_and_counted_apart(
     assert totals["internal_errors"] >= 1 and totals["load_errors"] == 0
     records = [r for r in caplog.records if "internal error" in r.getMessage()]
     assert records and records[0].exc_info is not None and "a bug" in str(records[0].exc_info[1])
+
+
+@pytest.fixture
+def stored(tmp_path: Path) -> Path:
+    writer = Engine(tmp_path)
+    writer.run("p", P)
+    writer.close()
+    return tmp_path
+
+
+def test_detached_loads_give_the_same_kv(stored: Path) -> None:
+    """On a filesystem that may hang, loads go through staging memory (forced here on a local disk;
+    tests/multinode runs them on GlusterFS, where they are chosen by themselves)."""
+    engine = Engine(stored)
+    engine.worker.detached = True
+    result = engine.run("p2", P)
+    assert result["hit"] == 56 and engine.errors == set()
+    for index in range(14):
+        for offset, layer in enumerate(LAYERS):
+            assert torch.equal(engine.block(layer, result["block_ids"][index]), expected_block(P, index) + offset)
+
+
+def test_storage_that_hangs_costs_a_recompute_and_its_late_reads_touch_nothing(
+    stored: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    engine = Engine(stored, storage_timeout_s="0.5")
+    engine.worker.detached = True
+    answer = threading.Event()
+    read = engine.worker.store.read
+    late: list[bool] = []
+
+    def hung_read(*args, **kwargs):
+        answer.wait(60)  # the server is gone ... then comes back
+        result = read(*args, **kwargs)
+        late.append(result)
+        return result
+
+    monkeypatch.setattr(engine.worker.store, "read", hung_read)
+    for layer in LAYERS:
+        engine.kv[layer].fill_(7)  # what the blocks hold; a late read must not change it
+    block_ids = list(range(14))
+    meta = engine.first_step("p", P, block_ids, scheduled=2)
+    started = time.monotonic()
+    engine.worker.start_load(meta.loads)
+    for layer in LAYERS:
+        engine.worker.wait_for_layer_load(layer)
+    engine.worker.wait_for_save(meta.saves, meta.failures_seen)
+    assert engine.worker.take_load_errors() == set(block_ids)
+    assert time.monotonic() - started < 30  # it gave up after storage_timeout_s instead of waiting on
+    assert engine.worker.totals.data["load_timeouts"] == 1
+    answer.set()  # storage answers now: the reads in flight finish, verified, and are dropped
+    engine.close()  # waits for every reader
+    assert late and all(late)  # good bytes, only late; fragments not started yet were not even read
+    for layer in LAYERS:
+        assert torch.all(engine.kv[layer] == 7)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -77,16 +79,38 @@ def test_byte_sizes(text: object, size: int) -> None:
     assert parse_byte_size(text, "x") == size
 
 
-def test_switches_are_read_at_most_once_per_interval(tmp_path: Path) -> None:
+def test_switches_are_read_in_the_background_not_by_the_caller(tmp_path: Path, monkeypatch) -> None:
     switches = RuntimeSwitches(tmp_path, interval=3600)
     assert switches.get_enabled and switches.put_enabled
     (tmp_path / "disable-get").touch()
     assert switches.get_enabled  # not looked at again yet
-    fresh = RuntimeSwitches(tmp_path, interval=0)
+    switches.stop()
+    fresh = RuntimeSwitches(tmp_path, interval=0.01)
     assert not fresh.get_enabled and fresh.put_enabled
     (tmp_path / "disable-put").touch()
     (tmp_path / "disable-get").unlink()
-    assert fresh.get_enabled and not fresh.put_enabled
+    deadline = time.monotonic() + 10
+    while not (fresh.get_enabled and not fresh.put_enabled):
+        assert time.monotonic() < deadline, "the watcher never saw the change"
+        time.sleep(0.01)
+
+    def hung(path):  # storage that stops answering: the caller must not wait for it
+        time.sleep(3600)
+
+    monkeypatch.setattr(os.path, "exists", hung)
+    time.sleep(0.05)  # the watcher is now stuck in a look
+    started = time.monotonic()
+    assert fresh.get_enabled and not fresh.put_enabled  # the last answer
+    assert time.monotonic() - started < 1
+    fresh.stop()
+
+
+def test_storage_timeout_key(tmp_path: Path) -> None:
+    assert parse({"shared_storage_path": str(tmp_path)}).storage_timeout_s == 10
+    assert parse({"shared_storage_path": str(tmp_path), "storage_timeout_s": "2.5"}).storage_timeout_s == 2.5
+    for bad in (0, -1, "soon", True, float("inf")):
+        with pytest.raises(ConfigError, match="storage_timeout_s"):
+            parse({"shared_storage_path": str(tmp_path), "storage_timeout_s": bad})
 
 
 def test_decode_and_lookup_budget_keys(tmp_path: Path) -> None:

@@ -194,3 +194,22 @@ class Engine:
 
     def close(self) -> None:
         self.worker.shutdown()
+
+
+def count_metadata_calls(monkeypatch) -> list[str]:
+    """Record the metadata operations (stat, listdir...) made from now on, by the lookup: the
+    runtime-switch watcher's once-a-second stats are not the lookup's."""
+    import os
+    import threading
+
+    calls: list[str] = []
+    for name in ("lstat", "stat", "listdir", "scandir"):
+        original = getattr(os, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            if threading.current_thread().name != "vua-switches":
+                calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, counted)
+    return calls

@@ -46,6 +46,15 @@ Every key, its default and why:
     How long a lookup may hold vLLM's scheduler. A lookup still running after this answers
     "ask again later" (vLLM keeps the request waiting and asks at its next step) and finishes in
     a background thread, so a slow metadata server delays that request, not every request.
+``storage_timeout_s`` (default 10)
+    On a filesystem that can hang (anything but a local disk: NFS, Lustre, GlusterFS and other
+    FUSE mounts...), the longest a lookup or a step's loads may wait for storage. A lookup that
+    takes longer answers "nothing stored", and lookups then skip the store for a while
+    (``storage_timeout_s`` again, then one lookup tries it); loads that take longer fail and are
+    recomputed, and what they read later is dropped: on such filesystems loads go through
+    staging memory, so a late read never lands in the KV cache. Saves are written in the
+    background; while storage hangs they wait there and new ones are skipped once
+    ``max_staging_bytes`` are held.
 ``durable`` (default true)
     fsync each fragment and its directory before it becomes visible (a crash never leaves a
     claimed fragment half written). False trades that for write speed on scratch storage.
@@ -59,7 +68,7 @@ from __future__ import annotations
 
 import os
 import re
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -85,6 +94,7 @@ _KNOWN_KEYS = {
     "claim_whole_blocks",
     "save_decode",
     "lookup_budget_ms",
+    "storage_timeout_s",
 }
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -111,6 +121,18 @@ def parse_bool(value: Any, key: str) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
         return value.lower() in ("true", "1", "yes")
     raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def _parse_positive_seconds(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key} must be a positive number of seconds, got {value!r}")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be a positive number of seconds, got {value!r}") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"{key} must be a positive number of seconds, got {value!r}")
+    return seconds
 
 
 def _parse_positive_int(value: Any, key: str) -> int:
@@ -140,6 +162,7 @@ class ConnectorSettings:
     claim_whole_blocks: bool = False
     save_decode: bool = True
     lookup_budget_ms: int = 20
+    storage_timeout_s: float = 10.0
 
     @property
     def blocks_per_chunk(self) -> int:
@@ -198,29 +221,37 @@ class ConnectorSettings:
             min_recompute_tokens=_parse_positive_int(extra.get("min_recompute_tokens", 1), "min_recompute_tokens"),
             save_decode=parse_bool(extra.get("save_decode", True), "save_decode"),
             lookup_budget_ms=_parse_positive_int(extra.get("lookup_budget_ms", 20), "lookup_budget_ms"),
+            storage_timeout_s=_parse_positive_seconds(extra.get("storage_timeout_s", 10), "storage_timeout_s"),
         )
 
 
 class RuntimeSwitches:
-    """``<root>/disable-get`` and ``<root>/disable-put``, looked at no more than once per ``interval`` seconds."""
+    """``<root>/disable-get`` and ``<root>/disable-put``, looked at once at start-up and then about
+    once per ``interval`` seconds by a background thread: the scheduler reads the last answer and
+    never waits on storage for it (a hung mount must not stall every step)."""
 
     def __init__(self, root: Path, interval: float = 1.0) -> None:
         self._paths = (root / DISABLE_GET, root / DISABLE_PUT)
         self._interval = interval
-        self._checked_at = float("-inf")
-        self._disabled = (False, False)
+        self._disabled = self._look()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="vua-switches", daemon=True)
+        self._thread.start()
 
-    def _state(self) -> tuple[bool, bool]:
-        now = time.monotonic()
-        if now - self._checked_at >= self._interval:
-            self._checked_at = now
-            self._disabled = tuple(os.path.exists(p) for p in self._paths)  # type: ignore[assignment]
-        return self._disabled
+    def _look(self) -> tuple[bool, bool]:
+        return (os.path.exists(self._paths[0]), os.path.exists(self._paths[1]))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._disabled = self._look()
 
     @property
     def get_enabled(self) -> bool:
-        return not self._state()[0]
+        return not self._disabled[0]
 
     @property
     def put_enabled(self) -> bool:
-        return not self._state()[1]
+        return not self._disabled[1]
+
+    def stop(self) -> None:
+        self._stop.set()

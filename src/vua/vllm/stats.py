@@ -28,6 +28,7 @@ COUNTERS = (
     "saves_skipped",  # saves dropped because staging memory was full
     "saves_poisoned",  # saves dropped because they were computed over KV that failed to load
     "internal_errors",  # bugs caught in the worker (logged with a traceback): a recompute, not a crash
+    "load_timeouts",  # steps whose loads storage did not finish within storage_timeout_s (recomputed)
     "decode_saves",  # fragments planned for saving that hold generated tokens (the answer, for the next turn)
     "tails_skipped",  # tails not stored because their head directory already holds MAX_TAILS_PER_HEAD
     "lookups",  # store lookups run (a prompt deferred and asked again is looked up once)

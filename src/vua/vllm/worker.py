@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -26,6 +27,7 @@ import torch
 
 from ..errors import VUAError
 from ..integrity import device_checksum, has_device_checksums
+from ..mounts import may_hang
 from ..serdes import dtype_name, host_bytes
 from ..store import Fragment, FragmentStore, TensorSource
 from ._compat import allow_cpu_attention_tiles, any_rank_failed
@@ -50,6 +52,7 @@ class _OpenFragment:
     ends_claim: bool = False  # holds the block the claim ends inside: read before the forward pass
     failed: bool = False
     internal_error: bool = False  # failed by a bug of ours, not by storage
+    done: bool = False  # a detached load finished (it closes its own file)
 
 
 @dataclass
@@ -59,6 +62,9 @@ class _StepLoads:
     fragments: list[_OpenFragment] = field(default_factory=list)
     by_layer: dict[str, list[Future]] = field(default_factory=dict)
     failed_blocks: set[int] = field(default_factory=set)
+    deadline: float | None = None  # detached loads: when a wait gives up on storage that hangs
+    abandoned: bool = False  # a wait gave up: no late read may touch the KV cache any more
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class WorkerSide:
@@ -80,6 +86,10 @@ class WorkerSide:
         self._reports = 0  # calls of take_load_errors that reported failed blocks
         self._poisoned: list[tuple[int, set[int]]] = []  # (report number, blocks) not yet seen by the scheduler
         self._staged_bytes = 0
+        # On a filesystem that can hang (NFS, Lustre, FUSE...) reads land in staging memory and are
+        # copied into the KV cache only if nobody has given up on them: a read that returns after
+        # its step was abandoned must not write into blocks vLLM may have handed to another request.
+        self.detached = may_hang(store.layout.root)
         self._released: set[str] = set()  # finished requests whose held blocks were copied out
         self._stats = VUAConnectorStats()
         self.totals = VUAConnectorStats()  # since start-up, for tests and benchmarks
@@ -126,10 +136,21 @@ class WorkerSide:
 
     def start_load(self, jobs: list[LoadJob]) -> None:
         """Open every fragment of this step (verifying headers and token ids) and queue its layer
-        reads, first layer first."""
+        reads, first layer first. A fragment holding the block a claim ends inside is read before
+        this returns, so before the forward pass: vLLM then writes the slots it computes over the
+        loaded block, never the other way round."""
         if not jobs:
             return
         step = self._step = _StepLoads(time.monotonic())
+        if self.detached:
+            self._start_detached(step, jobs)
+        else:
+            self._start_in_place(step, jobs)
+        if not self.settings.layerwise_load:
+            for layer in self._layers:
+                self.wait_for_layer_load(layer)
+
+    def _start_in_place(self, step: _StepLoads, jobs: list[LoadJob]) -> None:
         for job in jobs:
             broken = not self._layers
             for ref, ids in zip(job.fragments, job.block_ids):
@@ -139,11 +160,8 @@ class WorkerSide:
                     fragment = None
                 # Everything after a missing piece is unusable too: it fails with it.
                 broken = broken or fragment is None
-                ends_claim = ref.start < job.claimed_end < ref.start + ref.n_blocks * self.identity.block_size
-                step.fragments.append(_OpenFragment(job.request_id, ref, ids, fragment, ends_claim))
+                step.fragments.append(_OpenFragment(job.request_id, ref, ids, fragment, self._ends_claim(ref, job)))
         readable = [opened for opened in step.fragments if opened.fragment is not None]
-        # A fragment holding the block a claim ends inside is read before the forward pass starts:
-        # vLLM then writes the slots it computes over the loaded block, never the other way round.
         first = [opened for opened in readable if opened.ends_claim]
         for layer in self._layers:
             step.by_layer[layer] = [self._readers.submit(self._read_layer, step, opened, layer) for opened in first]
@@ -153,9 +171,29 @@ class WorkerSide:
             step.by_layer[layer] = [
                 self._readers.submit(self._read_layer, step, opened, layer) for opened in readable if not opened.ends_claim
             ]
-        if not self.settings.layerwise_load:
-            for layer in self._layers:
-                self.wait_for_layer_load(layer)
+
+    def _start_detached(self, step: _StepLoads, jobs: list[LoadJob]) -> None:
+        """One task per fragment opens it and reads it layer by layer into staging memory; each
+        layer's future completes when that layer is in the KV cache (or has failed)."""
+        step.deadline = step.started + self.settings.storage_timeout_s
+        tasks = []
+        for job in jobs:
+            for ref, ids in zip(job.fragments, job.block_ids):
+                opened = _OpenFragment(job.request_id, ref, ids, None, self._ends_claim(ref, job))
+                step.fragments.append(opened)
+                layers: dict[str, Future] = {layer: Future() for layer in self._layers}
+                tasks.append((opened, layers))
+        for layer in self._layers:
+            step.by_layer[layer] = [layers[layer] for opened, layers in tasks if opened.ends_claim]
+        for opened, layers in tasks:
+            self._readers.submit(self._load_detached, step, opened, layers)
+        for layer in self._layers:
+            self.wait_for_layer_load(layer)
+        for layer in self._layers:
+            step.by_layer[layer] = [layers[layer] for opened, layers in tasks if not opened.ends_claim]
+
+    def _ends_claim(self, ref: FragmentRef, job: LoadJob) -> bool:
+        return ref.start < job.claimed_end < ref.start + ref.n_blocks * self.identity.block_size
 
     def _fits(self, fragment: Fragment, ref: FragmentRef) -> bool:
         shape = (ref.n_blocks, *self.identity.block_shape)
@@ -218,6 +256,64 @@ class WorkerSide:
         torch.cuda.current_stream(kv.device).synchronize()
         return True
 
+    def _load_detached(self, step: _StepLoads, opened: _OpenFragment, layers: dict[str, Future]) -> None:
+        """Open, verify and read one fragment into staging memory, then copy each verified layer
+        into the KV cache unless the step was abandoned meanwhile. Never raises."""
+        try:
+            if self._layers:
+                fragment = self.store.open(opened.ref.path(self.store.layout, self.shard), opened.ref.digest, opened.ref.tokens)
+                if fragment is not None and not self._fits(fragment, opened.ref):
+                    fragment.close()
+                    fragment = None
+                opened.fragment = fragment
+            for layer, future in layers.items():
+                if opened.fragment is not None and not opened.failed:
+                    self._read_staged(step, opened, layer)
+                future.set_result(None)
+                step.finished = max(step.finished, time.monotonic())
+        except Exception:  # noqa: BLE001 - a bug here must cost a recompute, not the engine
+            logger.exception("VUA: internal error loading %s", opened.ref.digest.hex())
+            self._count(internal_errors=1)
+            opened.internal_error = opened.failed = True
+        finally:
+            for future in layers.values():
+                if not future.done():
+                    future.set_result(None)
+            if opened.fragment is not None:
+                opened.fragment.close()
+            opened.done = True
+
+    def _read_staged(self, step: _StepLoads, opened: _OpenFragment, layer: str) -> None:
+        assert opened.fragment is not None
+        kv = self._layers[layer]
+        staging = torch.empty((len(opened.block_ids), *kv.shape[1:]), dtype=kv.dtype, pin_memory=kv.is_cuda)
+        if not self.store.read(opened.fragment, [(layer, [host_bytes(staging)])], None):
+            opened.failed = True
+            return
+        wanted = [j for j, b in enumerate(opened.block_ids) if b != SCRATCH]
+        with step.lock:
+            if step.abandoned:
+                return
+            if wanted:
+                destination = torch.tensor([opened.block_ids[j] for j in wanted], device=kv.device)
+                kv.index_copy_(0, destination, staging[wanted].to(kv.device, non_blocking=kv.is_cuda))
+            if kv.is_cuda:
+                torch.cuda.current_stream(kv.device).synchronize()
+
+    def _abandon(self, step: _StepLoads) -> None:
+        """Storage did not answer in time: every fragment still loading fails, and nothing it reads
+        later reaches the KV cache (the copy into it and this flag share the step's lock)."""
+        with step.lock:
+            if step.abandoned:
+                return
+            step.abandoned = True
+            late = [opened for opened in step.fragments if not opened.done]
+            for opened in late:
+                opened.failed = True
+        self._count(load_timeouts=1)
+        self._warn("timeout", "VUA: storage did not finish %d fragment read(s) within %.1f s; their blocks are "
+                   "recomputed", len(late), self.settings.storage_timeout_s)
+
     def _scrub(self, opened: _OpenFragment, layer: str) -> None:
         """Zero the blocks a failed in-place read may have filled: bytes that failed verification
         must never reach attention, not even in the step that is thrown away."""
@@ -227,26 +323,37 @@ class WorkerSide:
                 kv[b].zero_()
 
     def wait_for_layer_load(self, layer: str) -> None:
-        if self._step is not None:
-            for future in self._step.by_layer.pop(layer, []):
+        step = self._step
+        if step is None:
+            return
+        for future in step.by_layer.pop(layer, []):
+            if step.deadline is None:
                 future.result()
+                continue
+            if step.abandoned:
+                return
+            try:
+                future.result(timeout=max(0.0, step.deadline - time.monotonic()))
+            except FutureTimeout:
+                self._abandon(step)
+                return
 
     def _finish_loads(self, agree: bool = True) -> None:
         """Wait for every read of the step, close its files, and settle with every other worker of
         the engine which fragments failed: a fragment that failed on any rank fails on all."""
-        step, self._step = self._step, None
+        step = self._step
         if step is None:
             return
-        for futures in step.by_layer.values():
-            for future in futures:
-                future.result()
+        for layer in list(step.by_layer):
+            self.wait_for_layer_load(layer)
+        self._step = None
         failed_here = [opened.fragment is None or opened.failed for opened in step.fragments]
         failed = any_rank_failed(failed_here) if agree else failed_here
         failed_blocks: set[int] = set()
         loaded_bytes = 0
         per_request: dict[str, int] = {}
         for opened, bad in zip(step.fragments, failed):
-            if opened.fragment is not None:
+            if opened.fragment is not None and not self.detached:  # a detached load closes its own
                 opened.fragment.close()
             if bad:
                 failed_blocks.update(b for b in opened.block_ids if b != SCRATCH)
