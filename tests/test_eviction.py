@@ -31,6 +31,11 @@ def _age_everything(root: Path, seconds_ago: float) -> None:
         os.utime(stored.path, (when, when))
 
 
+def _descriptors(root: Path) -> int:
+    """Bytes of the namespace descriptors, which gc keeps and counts against the budget."""
+    return sum(p.stat().st_size for p in (root / STORE_DIR).glob("*/namespace.json"))
+
+
 def _stored_groups(vua, tokens) -> int:
     return check_prefix(vua, tokens)
 
@@ -44,8 +49,8 @@ def test_least_recently_used_prompt_goes_first(tmp_path: Path) -> None:
         new_bytes = sum(f.size for f in _fragments(tmp_path)) - sum(
             f.size for f in _fragments(tmp_path) if f.mtime < time.time() - 1800
         )
-        report = collect(tmp_path, max_bytes=new_bytes)
-        assert report.bytes_after <= new_bytes
+        report = collect(tmp_path, max_bytes=new_bytes + _descriptors(tmp_path))
+        assert report.bytes_after <= new_bytes + _descriptors(tmp_path)
         assert _stored_groups(vua, old) == 0
         assert _stored_groups(vua, new) == len(new) // SPLIT
 
@@ -57,7 +62,7 @@ def test_equally_old_chain_loses_its_deepest_fragments_first(tmp_path: Path) -> 
         vua.put(tokens, kv_for(tokens))
         _age_everything(tmp_path, 60)
         sizes = [f.size for f in _fragments(tmp_path)]
-        report = collect(tmp_path, max_bytes=sum(sizes) - 2 * max(sizes))
+        report = collect(tmp_path, max_bytes=sum(sizes) - 2 * max(sizes) + _descriptors(tmp_path))
         assert report.evicted == 2
         assert _stored_groups(vua, tokens) == groups - 2  # the prefix survives, whole
 
@@ -79,7 +84,7 @@ def test_dry_run_removes_nothing(tmp_path: Path) -> None:
     with open_store(str(tmp_path)) as vua:
         vua.put(tokens, kv_for(tokens))
         report = collect(tmp_path, max_bytes=0, dry_run=True)
-        assert report.evicted == len(tokens) // SPLIT and report.bytes_after == 0
+        assert report.evicted == len(tokens) // SPLIT and report.bytes_after == _descriptors(tmp_path)
         assert _stored_groups(vua, tokens) == len(tokens) // SPLIT
 
 
@@ -134,7 +139,7 @@ def test_a_recent_hit_protects_a_prompt_from_eviction(tmp_path: Path) -> None:
         _age_everything(tmp_path, 3600)
         assert _stored_groups(vua, used) == len(used) // SPLIT
         used_bytes = sum(f.size for f in _fragments(tmp_path) if time.time() - f.last_used < 60)
-        collect(tmp_path, max_bytes=used_bytes)
+        collect(tmp_path, max_bytes=used_bytes + _descriptors(tmp_path))
         assert _stored_groups(vua, unused) == 0
         assert _stored_groups(vua, used) == len(used) // SPLIT
 
@@ -194,6 +199,6 @@ def test_tails_are_listed_checked_and_evicted_before_full_fragments(tmp_path: Pa
     found = {f.kind: f for f in walk(tmp_path)}
     assert sorted(found) == [FULL, TAIL] and found[TAIL].key == tail.hex() and found[FULL].key == anchor.hex()
     assert check_fragment(found[TAIL]) is None and check_fragment(found[FULL]) is None
-    report = collect(tmp_path, max_bytes=found[FULL].size)
+    report = collect(tmp_path, max_bytes=found[FULL].size + _descriptors(tmp_path))
     assert report.evicted == 1 and not tail_path.exists() and full_path.exists()
     assert not store.layout.tails_dir(anchor).exists()

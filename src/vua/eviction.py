@@ -31,11 +31,15 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from .inventory import FULL, GC_LEASE_NAME, TAIL, TEMP, StoredFile, fragment_start, walk
+from .inventory import FULL, GC_LEASE_NAME, NAMESPACE_FILE, STRAY, TAIL, TEMP, StoredFile, fragment_start, namespaces, walk
 from .layout import STORE_DIR, check_root
 
-__all__ = ["GCReport", "collect", "RecencyTouch", "BackgroundGC", "DEFAULT_TEMP_GRACE_S", "DEFAULT_RESOLUTION_S"]
+__all__ = ["GCReport", "collect", "RecencyTouch", "BackgroundGC", "DEFAULT_TEMP_GRACE_S", "DEFAULT_RESOLUTION_S", "Progress"]
+
+# ``progress(phase, done, total)``: phase "scan" (total None: unknown until the walk ends) or "evict".
+Progress = Callable[[str, int, "int | None"], None]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +49,11 @@ DEFAULT_RESOLUTION_S = 600.0
 
 @dataclass
 class GCReport:
-    """What one pass found and did (sizes are file sizes in bytes)."""
+    """What one pass found and did (sizes are file sizes in bytes).
+
+    ``bytes_before`` and ``bytes_after`` count every file gc finds under the root, kept ones too
+    (namespace descriptors, strays, the lease and switch files), as ``du -b`` summed over files would.
+    """
 
     fragments: int = 0
     bytes_before: int = 0
@@ -70,11 +78,14 @@ def collect(
     resolution_s: float = DEFAULT_RESOLUTION_S,
     dry_run: bool = False,
     now: float | None = None,
+    progress: Progress | None = None,
+    on_removed: Callable[[list[StoredFile]], None] | None = None,
 ) -> GCReport:
     """One gc pass over every namespace under ``root`` (see the module doc for the policy).
 
     ``target_bytes`` (default ``max_bytes``) is where eviction stops once the budget is exceeded;
-    a lower value leaves headroom so that the next pass has less to do.
+    a lower value leaves headroom so that the next pass has less to do. ``progress`` is told how
+    far the scan and the eviction are; ``on_removed`` gets the fragments evicted.
     """
     if max_bytes is not None and max_bytes < 0:
         raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
@@ -83,12 +94,16 @@ def collect(
     now = time.time() if now is None else now
     report = GCReport(dry_run=dry_run)
     started = time.perf_counter()
-    files = list(walk(root))
+    files = []
+    for found in walk(root):
+        files.append(found)
+        if progress is not None:
+            progress("scan", len(files), None)
     report.scan_s = time.perf_counter() - started
     fragments = [f for f in files if f.kind in (FULL, TAIL)]
     temps = [f for f in files if f.kind == TEMP]
     report.fragments = len(fragments)
-    report.bytes_before = sum(f.size for f in fragments) + sum(f.size for f in temps)
+    report.bytes_before = sum(f.size for f in fragments) + sum(f.size for f in temps) + _kept_bytes(root, files)
     started = time.perf_counter()
     removed: list[StoredFile] = []
 
@@ -107,8 +122,10 @@ def collect(
     if max_bytes is not None and usage > max_bytes:
         target = max_bytes if target_bytes is None else min(target_bytes, max_bytes)
         victims += _least_recently_used(kept, usage - target, resolution_s)
-    evicted = _remove(victims, dry_run)
+    evicted = _remove(victims, dry_run, progress)
     removed += evicted
+    if on_removed is not None and evicted and not dry_run:
+        on_removed(evicted)
     report.evicted = len(evicted)
     report.evicted_bytes = sum(f.size for f in evicted)
     report.bytes_after = report.bytes_before - sum(f.size for f in removed)
@@ -151,11 +168,34 @@ def _depth_first(fragment: StoredFile) -> tuple[int, int]:
     return (1, 0) if start is None else (2, -start)
 
 
-def _remove(files: list[StoredFile], dry_run: bool) -> list[StoredFile]:
+def _kept_bytes(root: str | os.PathLike[str], files: list[StoredFile]) -> int:
+    """Bytes gc never removes that still count against the budget: strays, namespace descriptors,
+    and the files at the top of the root and of the store directory (the disable-* switches). The
+    gc lease is not counted: it goes when the pass ends."""
+    total = sum(f.size for f in files if f.kind == STRAY)
+    top = check_root(root)
+    paths = [str(space.path / NAMESPACE_FILE) for space in namespaces(top)]
+    for directory in (top, top / STORE_DIR):
+        try:
+            with os.scandir(directory) as entries:
+                paths += [e.path for e in entries if e.is_file(follow_symlinks=False) and e.name != GC_LEASE_NAME]
+        except FileNotFoundError:
+            pass  # nothing stored yet
+    for path in paths:
+        try:
+            total += os.stat(path, follow_symlinks=False).st_size
+        except FileNotFoundError:
+            pass  # a namespace without a descriptor, or a lease released meanwhile
+    return total
+
+
+def _remove(files: list[StoredFile], dry_run: bool, progress: Progress | None = None) -> list[StoredFile]:
     if dry_run:
         return list(files)
     removed = []
-    for stored in files:
+    for done, stored in enumerate(files, 1):
+        if progress is not None:
+            progress("evict", done, len(files))
         try:
             os.unlink(stored.location)
             removed.append(stored)
@@ -252,6 +292,8 @@ class BackgroundGC:
         self.temp_grace_s = temp_grace_s
         self.lease_s = lease_s if lease_s is not None else max(600.0, 10 * interval_s)
         self.last_report: GCReport | None = None
+        # Told which fragments each pass evicted (the connector retracts their KV events).
+        self.on_evicted: Callable[[list[StoredFile]], None] | None = None
         self._lease = self.root / STORE_DIR / GC_LEASE_NAME
         self._token = f"{socket.gethostname()} {os.getpid()} {secrets.token_hex(8)}".encode()
         self._stop = threading.Event()
@@ -281,6 +323,7 @@ class BackgroundGC:
                 max_age_s=self.max_age_s,
                 target_bytes=int(self.max_bytes * self.low_water),
                 temp_grace_s=self.temp_grace_s,
+                on_removed=self.on_evicted,
             )
         finally:
             self._release_lease()
