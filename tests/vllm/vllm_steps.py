@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -68,9 +69,12 @@ class Engine:
         self._free = list(range(NUM_BLOCKS))
         self.errors: set[int] = set()
 
-    def run(self, request_id: str, tokens: list[int], step_tokens: int = 64, salt: str | None = None) -> dict:
-        """Prefill ``tokens`` in steps of ``step_tokens``; returns what the connector claimed and loaded."""
-        request = Request(request_id, list(tokens), SamplingParams(max_tokens=1), None, cache_salt=salt)
+    def run(self, request_id: str, tokens: list[int], step_tokens: int = 64, salt: str | None = None,
+            block_hasher: Callable[[Request], list] | None = None) -> dict:
+        """Prefill ``tokens`` in steps of ``step_tokens``; returns what the connector claimed and loaded
+        (and the request, whose ``block_hashes`` are vLLM's when a ``block_hasher`` is given)."""
+        request = Request(request_id, list(tokens), SamplingParams(max_tokens=1), None, cache_salt=salt,
+                          block_hasher=block_hasher)
         hit, is_async = self.scheduler.get_num_new_matched_tokens(request, 0)
         assert is_async is False
         n_blocks = -(-len(tokens) // BLOCK)
@@ -109,7 +113,7 @@ class Engine:
         self.worker.flush()
         self.scheduler.request_finished(request, block_ids)
         self._free.extend(block_ids)
-        return {"hit": hit, "block_ids": block_ids, **jobs}
+        return {"hit": hit, "block_ids": block_ids, "request": request, **jobs}
 
     def first_step(self, request_id: str, tokens: list[int], block_ids: list[int], scheduled: int = 2):
         """Look up, allocate and schedule a new request for one step; the connector metadata of that step."""

@@ -7,6 +7,7 @@ holds a tensor. See :mod:`vua.vllm.metadata` for how fragments are named.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from ._compat import allocated_block_ids, prompt_if_cacheable, scheduled_request
 from .identity import StoreIdentity
 from .metadata import SCRATCH, FragmentRef, LoadJob, SaveJob, VUAConnectorMetadata
 from .settings import ConnectorSettings, RuntimeSwitches
+from .events import StoreEvents
 from .stats import VUAConnectorStats
 
 __all__ = ["SchedulerSide", "PromptKeys", "find_stored_prefix"]
@@ -91,8 +93,10 @@ class _Request:
     tail_done: bool = False  # the prompt's tails are stored or handed to the worker
     claim: list[FragmentRef] = field(default_factory=list)  # the last lookup's result
     claimed_from: int = 0  # the local hit that lookup was asked about
-    hit_tokens: int = 0
+    hit_tokens: int = 0  # loaded at first admission, less what a failed load made vLLM recompute
+    admitted: bool = False  # allocated once: a resumed request's second claim is not a new hit
     saves: int = 0
+    request: Any = None  # vLLM's Request: its block hashes name the KV events of this request's saves
 
     def rewind(self, chunk: int) -> None:
         """Forget what was planned or found from ``chunk`` on: its KV is being recomputed."""
@@ -120,6 +124,8 @@ class SchedulerSide:
         self._loads: list[LoadJob] = []
         self._stats = VUAConnectorStats()
         self._failures_seen = 0
+        # Set by the connector when vLLM publishes KV events (vua.vllm.events).
+        self.events: StoreEvents | None = None
         # One per engine (not per worker): keeps the shared root under max_store_size.
         self.gc = BackgroundGC(settings.root, settings.max_store_size) if settings.max_store_size else None
         if self.gc is not None:
@@ -133,7 +139,7 @@ class SchedulerSide:
                 return None
             tokens, salt = cacheable
             keys = prompt_keys(tokens, self.block_size, self.store.namespace.seed, salt)
-            tracked = self._requests[request.request_id] = _Request(keys)
+            tracked = self._requests[request.request_id] = _Request(keys, request=request)
         return tracked
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
@@ -147,7 +153,10 @@ class SchedulerSide:
         tracked = self._tracked(request)
         if tracked is None or not self.switches.get_enabled:
             return 0, False
+        started = time.perf_counter()
         found = find_stored_prefix(self.store, tracked.keys, self.block_size, self.cb, self.shards)
+        self._stats.add(lookups=1)
+        self._stats.observe("lookup_seconds", time.perf_counter() - started)
         tracked.claim, tracked.claimed_from = found, num_computed_tokens
         tracked.stored_chunks = sum(1 for f in found if f.anchor is None)
         tracked.stored_tails = {f.digest for f in found if f.anchor is not None}
@@ -161,7 +170,9 @@ class SchedulerSide:
         if tracked is None:
             return
         prompt_len = len(tracked.keys.tokens)
-        self._stats.add(requests=1, prompt_tokens=prompt_len, hit_tokens=num_external_tokens)
+        if not tracked.admitted:
+            # Counted when the request finishes, so that a failed load can still take its tokens back.
+            tracked.admitted, tracked.hit_tokens = True, max(0, num_external_tokens)
         if num_external_tokens <= 0:
             return
         block_ids = allocated_block_ids(blocks)
@@ -175,7 +186,6 @@ class SchedulerSide:
                 job.fragments.append(fragment)
                 job.block_ids.append(ids)
         self._loads.append(job)
-        tracked.hit_tokens = num_external_tokens
         logger.debug(
             "VUA: request %s: %d prompt tokens, %d computed locally, loading %d from %d fragment(s)",
             request.request_id, prompt_len, begin, num_external_tokens, len(job.fragments),
@@ -194,7 +204,11 @@ class SchedulerSide:
             elif step.block_ids:
                 tracked.block_ids.extend(step.block_ids)
             if saving:
-                meta.saves.extend(self._due_saves(step.request_id, tracked, step.computed_before + step.scheduled))
+                due = self._due_saves(step.request_id, tracked, step.computed_before + step.scheduled)
+                meta.saves.extend(due)
+                if self.events is not None:
+                    for job in due:
+                        self.events.planned(tracked.request, job.fragment, self.store.layout)
         return meta
 
     def _due_saves(self, request_id: str, tracked: _Request, computed: int) -> list[SaveJob]:
@@ -245,6 +259,8 @@ class SchedulerSide:
         for request_id, tracked in self._requests.items():
             first = next((i for i, b in enumerate(tracked.block_ids) if b in invalid_block_ids), None)
             if first is not None:
+                # vLLM recomputes from the failed block on: those claimed tokens were not a hit.
+                tracked.hit_tokens = max(0, min(tracked.hit_tokens, first * self.block_size - tracked.claimed_from))
                 tracked.rewind(first // self.cb)
                 logger.info("VUA: request %s: KV from block %d on failed to load; it is recomputed and saved again",
                             request_id, first)
@@ -252,6 +268,7 @@ class SchedulerSide:
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         tracked = self._requests.pop(request.request_id, None)
         if tracked is not None:
+            self._stats.add(requests=1, prompt_tokens=len(tracked.keys.tokens), hit_tokens=tracked.hit_tokens)
             logger.debug(
                 "VUA: request %s finished: %d prompt tokens, %d loaded, %d fragment(s) saved",
                 request.request_id, len(tracked.keys.tokens), tracked.hit_tokens, tracked.saves,
@@ -268,3 +285,5 @@ class SchedulerSide:
         self._requests.clear()
         if self.gc is not None:
             self.gc.stop()
+        if self.events is not None:
+            self.events.stop()

@@ -1,7 +1,8 @@
 """Connector statistics, in the shape vLLM's stat loggers expect (``KVConnectorStats``).
 
 Both halves count into the same fields (the scheduler: lookups and hits; the worker: bytes,
-seconds and faults); vLLM aggregates them per step and the logger reduces an interval to rates.
+seconds and faults); vLLM aggregates them per step, the periodic log reduces an interval to
+rates, and ``/metrics`` accumulates them as Prometheus counters (:mod:`vua.vllm.prometheus`).
 """
 
 from __future__ import annotations
@@ -11,24 +12,28 @@ from typing import Any
 
 from ._compat import KVConnectorStats
 
-__all__ = ["VUAConnectorStats", "COUNTERS"]
+__all__ = ["VUAConnectorStats", "COUNTERS", "OBSERVATIONS"]
 
 COUNTERS = (
-    "requests",  # prompts looked up
-    "prompt_tokens",  # their tokens
-    "hit_tokens",  # tokens loaded instead of computed
+    "requests",  # requests finished, each counted once (a resumed request is not counted again)
+    "prompt_tokens",  # their prompt tokens
+    "hit_tokens",  # their tokens loaded at first admission, less those recomputed after a failed load
+    "lookups",  # store lookups (get_num_new_matched_tokens calls that looked at the store)
     "loaded_fragments",
     "loaded_bytes",
     "load_seconds",  # wall time from the start of a step's loads to the last byte
-    "load_errors",  # fragments that failed to load (their blocks are recomputed)
+    "load_errors",  # fragments that failed to load because of storage (their blocks are recomputed)
+    "load_internal_errors",  # fragments that failed to load because of a bug (logged with a traceback)
     "saved_fragments",
     "saved_bytes",
     "save_seconds",  # summed time of background writes
     "save_errors",  # writes the filesystem refused (full, read-only...)
+    "save_internal_errors",  # writes that failed because of a bug (logged with a traceback)
     "saves_skipped",  # saves dropped because staging memory was full
     "saves_poisoned",  # saves dropped because they were computed over KV that failed to load
-    "internal_errors",  # bugs caught in the worker (logged with a traceback): a recompute, not a crash
 )
+# Per-event values kept as lists so that Prometheus can histogram them; a step's lists are short.
+OBSERVATIONS = ("lookup_seconds",)
 
 
 @dataclass
@@ -36,28 +41,36 @@ class VUAConnectorStats(KVConnectorStats):
     def __post_init__(self) -> None:
         for name in COUNTERS:
             self.data.setdefault(name, 0)
+        for name in OBSERVATIONS:
+            self.data.setdefault(name, [])
 
     def add(self, **counts: float) -> None:
         for name, value in counts.items():
             self.data[name] += value
 
+    def observe(self, name: str, value: float) -> None:
+        self.data[name].append(value)
+
     def reset(self) -> None:
-        self.data = {name: 0 for name in COUNTERS}
+        self.data = {name: 0 for name in COUNTERS} | {name: [] for name in OBSERVATIONS}
 
     def aggregate(self, other: KVConnectorStats) -> "VUAConnectorStats":
         for name in COUNTERS:
             self.data[name] += other.data.get(name, 0)
+        for name in OBSERVATIONS:
+            self.data[name] = self.data[name] + list(other.data.get(name, ()))
         return self
 
     def is_empty(self) -> bool:
-        return not any(self.data[name] for name in COUNTERS)
+        return not any(self.data[name] for name in COUNTERS + OBSERVATIONS)
 
     def reduce(self) -> dict[str, int | float]:
         d = self.data
         return {
-            "Prompts looked up": d["requests"],
+            "Requests": d["requests"],
             "Hit tokens": d["hit_tokens"],
             "Hit rate (%)": round(100 * d["hit_tokens"] / d["prompt_tokens"], 1) if d["prompt_tokens"] else 0.0,
+            "Lookups": d["lookups"],
             "Loaded GB": round(d["loaded_bytes"] / 1e9, 3),
             "Load GB/s": _rate(d["loaded_bytes"], d["load_seconds"]),
             "Saved GB": round(d["saved_bytes"] / 1e9, 3),
@@ -66,7 +79,7 @@ class VUAConnectorStats(KVConnectorStats):
             "Save errors": d["save_errors"],
             "Saves skipped": d["saves_skipped"],
             "Saves dropped after a failed load": d["saves_poisoned"],
-            "Internal errors": d["internal_errors"],
+            "Internal errors": d["load_internal_errors"] + d["save_internal_errors"],
         }
 
     def snapshot(self) -> dict[str, Any]:
