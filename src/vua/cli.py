@@ -268,15 +268,20 @@ def _is_link(path: Any) -> bool:
 def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
     if args.max_size is None and args.max_age is None:
         raise argparse.ArgumentTypeError("gc needs --max-size and/or --max-age")
-    bars: dict[str, tqdm | None] = {}
+    # One bar per phase as it runs: scan, evict, and again when a pass must scan for more victims.
+    current: dict[str, Any] = {"phase": None, "bar": None}
+
+    def close() -> None:
+        if current["bar"] is not None:
+            current["bar"].close()
+        current["phase"] = current["bar"] = None
 
     def progress(phase: str, done: int, total: int | None) -> None:
-        if phase not in bars:
-            for previous in bars.values():
-                if previous is not None:
-                    previous.close()
-            bars[phase] = _progress(args, {"scan": "gc scan", "evict": "gc evict"}[phase], total, "file")
-        bar = bars[phase]
+        if phase != current["phase"]:
+            close()
+            current["phase"] = phase
+            current["bar"] = _progress(args, {"scan": "gc scan", "evict": "gc evict"}[phase], total, "file")
+        bar = current["bar"]
         if bar is not None:
             bar.update(done - bar.n)
 
@@ -290,9 +295,7 @@ def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
         dry_run=args.dry_run,
         progress=progress,
     )
-    for bar in bars.values():
-        if bar is not None:
-            bar.close()
+    close()
     if args.json:
         json.dump(asdict(report), out, indent=1)
         out.write("\n")

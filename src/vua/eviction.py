@@ -10,6 +10,11 @@ Policy (:func:`collect`):
   their chain (higher ``vua_start``), so that shared prefixes, which serve every longer prompt,
   stay reachable. Only the last, partly evicted step has its headers read.
 
+Memory: the scan streams. Nothing is kept per fragment except a bounded heap of the
+``max_candidates`` most evictable ones (about 400 bytes each), so a store of 10 million fragments
+costs what one of 10 thousand does; when evicting a heap's worth is not enough, the store is
+scanned again (each scan is a full walk, so such a pass costs more time, never more memory).
+
 Safety with vLLM nodes reading and writing the same root: ``unlink`` of a published file is
 atomic, so a reader opens either the whole fragment or nothing, and a reader that already has it
 open keeps its bytes (on NFSv3 such a read may fail with ESTALE, which the store turns into a
@@ -22,6 +27,7 @@ takes a lease so that usually one node per root scans at a time.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import secrets
@@ -30,15 +36,18 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from .inventory import FULL, GC_LEASE_NAME, NAMESPACE_FILE, STRAY, TAIL, TEMP, StoredFile, fragment_start, namespaces, walk
 from .layout import STORE_DIR, check_root
 
-__all__ = ["GCReport", "collect", "RecencyTouch", "BackgroundGC", "DEFAULT_TEMP_GRACE_S", "DEFAULT_RESOLUTION_S", "Progress"]
+__all__ = [
+    "GCReport", "collect", "DEFAULT_MAX_CANDIDATES", "RecencyTouch", "BackgroundGC", "DEFAULT_TEMP_GRACE_S",
+    "DEFAULT_RESOLUTION_S", "Progress",
+]
 
 # ``progress(phase, done, total)``: phase "scan" (total None: unknown until the walk ends) or "evict".
+# A pass that scans again starts a new "scan" phase, its count from 1.
 Progress = Callable[[str, int, "int | None"], None]
 
 logger = logging.getLogger(__name__)
@@ -52,7 +61,8 @@ class GCReport:
     """What one pass found and did (sizes are file sizes in bytes).
 
     ``bytes_before`` and ``bytes_after`` count every file gc finds under the root, kept ones too
-    (namespace descriptors, strays, the lease and switch files), as ``du -b`` summed over files would.
+    (namespace descriptors, strays, the switch files), as ``du -b`` summed over files would; the
+    gc lease is not counted, it goes when the pass ends.
     """
 
     fragments: int = 0
@@ -63,9 +73,17 @@ class GCReport:
     temp_removed: int = 0
     dirs_removed: int = 0
     bytes_after: int = 0
+    removed_bytes: int = 0  # temporary files and fragments removed (or that would be, in a dry run)
     scan_s: float = 0.0
     evict_s: float = 0.0
     dry_run: bool = False
+
+
+# Eviction candidates one gc pass holds (about 400 bytes each): memory stays bounded whatever the
+# store holds; a pass that needs more evicts these, then scans again.
+DEFAULT_MAX_CANDIDATES = 65536
+# Expired fragments are handed to ``on_removed`` in batches of this many (memory stays bounded).
+_REMOVED_BATCH = 1024
 
 
 def collect(
@@ -78,60 +96,106 @@ def collect(
     resolution_s: float = DEFAULT_RESOLUTION_S,
     dry_run: bool = False,
     now: float | None = None,
+    max_candidates: int = DEFAULT_MAX_CANDIDATES,
     progress: Progress | None = None,
     on_removed: Callable[[list[StoredFile]], None] | None = None,
 ) -> GCReport:
     """One gc pass over every namespace under ``root`` (see the module doc for the policy).
 
     ``target_bytes`` (default ``max_bytes``) is where eviction stops once the budget is exceeded;
-    a lower value leaves headroom so that the next pass has less to do. ``progress`` is told how
-    far the scan and the eviction are; ``on_removed`` gets the fragments evicted.
+    a lower value leaves headroom so that the next pass has less to do. Every file gc keeps counts
+    against the budget, namespace descriptors, strays and switch files too (:func:`_kept_bytes`).
+    ``progress`` is told how far the scan and the eviction are; ``on_removed`` gets the fragments
+    evicted (expired ones too), in batches as they go, never in a dry run.
+
+    The scan streams: stale temporary files and expired fragments are removed as they are found,
+    and only the ``max_candidates`` least recently used fragments are kept (a bounded heap), so
+    memory does not grow with the number of fragments. When evicting those is not enough, the
+    store is scanned again for the next ones; a dry run reports the first scan's choice only.
     """
     if max_bytes is not None and max_bytes < 0:
         raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
     if resolution_s <= 0:
         raise ValueError(f"resolution_s must be > 0, got {resolution_s}")
+    if max_candidates <= 0:
+        raise ValueError(f"max_candidates must be > 0, got {max_candidates}")
     now = time.time() if now is None else now
     report = GCReport(dry_run=dry_run)
-    started = time.perf_counter()
-    files = []
-    for found in walk(root):
-        files.append(found)
-        if progress is not None:
-            progress("scan", len(files), None)
-    report.scan_s = time.perf_counter() - started
-    fragments = [f for f in files if f.kind in (FULL, TAIL)]
-    temps = [f for f in files if f.kind == TEMP]
-    report.fragments = len(fragments)
-    report.bytes_before = sum(f.size for f in fragments) + sum(f.size for f in temps) + _kept_bytes(root, files)
-    started = time.perf_counter()
-    removed: list[StoredFile] = []
+    store = str(check_root(root) / STORE_DIR)
+    expired: list[StoredFile] = []  # removed, not yet told to on_removed
 
-    stale = [t for t in temps if now - t.mtime > temp_grace_s]
-    removed += _remove(stale, dry_run)
-    report.temp_removed = len(removed)
-    usage = report.bytes_before - sum(t.size for t in removed)
+    def tell(removed: list[StoredFile]) -> None:
+        if on_removed is not None and removed and not dry_run:
+            on_removed(removed)
 
-    victims: list[StoredFile] = []
-    kept: list[StoredFile] = []
-    for fragment in fragments:
-        expired = max_age_s is not None and now - fragment.last_used > max_age_s
-        (victims if expired else kept).append(fragment)
-    report.expired = len(victims)
-    usage -= sum(f.size for f in victims)
-    if max_bytes is not None and usage > max_bytes:
-        target = max_bytes if target_bytes is None else min(target_bytes, max_bytes)
-        victims += _least_recently_used(kept, usage - target, resolution_s)
-    evicted = _remove(victims, dry_run, progress)
-    removed += evicted
-    if on_removed is not None and evicted and not dry_run:
-        on_removed(evicted)
-    report.evicted = len(evicted)
-    report.evicted_bytes = sum(f.size for f in evicted)
-    report.bytes_after = report.bytes_before - sum(f.size for f in removed)
-    if not dry_run:
-        report.dirs_removed = _remove_empty_dirs(check_root(root), removed)
-    report.evict_s = time.perf_counter() - started
+    first_scan = True
+    while True:
+        started = time.perf_counter()
+        kept = _kept_bytes(root)
+        usage = kept
+        if first_scan:
+            report.bytes_before += kept
+        heap: list[tuple[int, int, int, StoredFile]] = []  # the most evictable, as a max-heap of keys
+        overflowed = False
+        for seq, stored in enumerate(walk(root)):
+            if progress is not None:
+                progress("scan", seq + 1, None)
+            if first_scan:
+                report.bytes_before += stored.size
+                report.fragments += stored.kind in (FULL, TAIL)
+            if stored.kind == STRAY:
+                usage += stored.size  # never removed, but it takes room all the same
+                continue
+            if stored.kind == TEMP:
+                if now - stored.mtime > temp_grace_s and _remove(stored, dry_run, store, report):
+                    report.temp_removed += 1
+                    continue
+            elif max_age_s is not None and now - stored.last_used > max_age_s:
+                if _remove(stored, dry_run, store, report):
+                    report.expired += 1  # expired fragments count as evicted too
+                    report.evicted += 1
+                    report.evicted_bytes += stored.size
+                    expired.append(stored)
+                    if len(expired) >= _REMOVED_BATCH:
+                        tell(expired)
+                        expired = []
+                    continue
+            usage += stored.size
+            if max_bytes is None or stored.kind == TEMP:
+                continue
+            # Negated (recency step, tails first): heap[0] is the least evictable candidate held.
+            key = (-int(stored.last_used // resolution_s), -(stored.kind != TAIL), seq, stored)
+            if len(heap) < max_candidates:
+                heapq.heappush(heap, key)
+            else:
+                overflowed = True
+                if key[:3] > heap[0][:3]:
+                    heapq.heapreplace(heap, key)
+        report.scan_s += time.perf_counter() - started
+        tell(expired)
+        expired = []
+        started = time.perf_counter()
+        first_scan = False
+        excess = 0
+        if max_bytes is not None and usage > max_bytes:
+            target = max_bytes if target_bytes is None else min(target_bytes, max_bytes)
+            excess = usage - target
+            candidates = [entry[3] for entry in sorted(heap, reverse=True)]
+            victims = _least_recently_used(candidates, excess, resolution_s)
+            evicted: list[StoredFile] = []
+            for done, victim in enumerate(victims, 1):
+                if progress is not None:
+                    progress("evict", done, len(victims))
+                if _remove(victim, dry_run, store, report):
+                    report.evicted += 1
+                    report.evicted_bytes += victim.size
+                    excess -= victim.size
+                    evicted.append(victim)
+            tell(evicted)  # at most max_candidates
+        report.evict_s += time.perf_counter() - started
+        if excess <= 0 or not overflowed or dry_run:
+            break
+    report.bytes_after = report.bytes_before - report.removed_bytes
     return report
 
 
@@ -168,11 +232,11 @@ def _depth_first(fragment: StoredFile) -> tuple[int, int]:
     return (1, 0) if start is None else (2, -start)
 
 
-def _kept_bytes(root: str | os.PathLike[str], files: list[StoredFile]) -> int:
-    """Bytes gc never removes that still count against the budget: strays, namespace descriptors,
-    and the files at the top of the root and of the store directory (the disable-* switches). The
-    gc lease is not counted: it goes when the pass ends."""
-    total = sum(f.size for f in files if f.kind == STRAY)
+def _kept_bytes(root: str | os.PathLike[str]) -> int:
+    """Bytes gc never removes that the walk does not list but that still count against the budget:
+    namespace descriptors and the files at the top of the root and of the store directory (the
+    disable-* switches). Strays are listed by the walk. The gc lease is not counted: it goes when
+    the pass ends."""
     top = check_root(root)
     paths = [str(space.path / NAMESPACE_FILE) for space in namespaces(top)]
     for directory in (top, top / STORE_DIR):
@@ -181,48 +245,38 @@ def _kept_bytes(root: str | os.PathLike[str], files: list[StoredFile]) -> int:
                 paths += [e.path for e in entries if e.is_file(follow_symlinks=False) and e.name != GC_LEASE_NAME]
         except FileNotFoundError:
             pass  # nothing stored yet
+    total = 0
     for path in paths:
         try:
             total += os.stat(path, follow_symlinks=False).st_size
         except FileNotFoundError:
-            pass  # a namespace without a descriptor, or a lease released meanwhile
+            pass  # a namespace without a descriptor, or a file removed meanwhile
     return total
 
 
-def _remove(files: list[StoredFile], dry_run: bool, progress: Progress | None = None) -> list[StoredFile]:
+def _remove(stored: StoredFile, dry_run: bool, store: str, report: GCReport) -> bool:
+    """Unlink one file, then ``rmdir`` the directories that leaves empty, up to (not including) its
+    namespace directory; True if it was removed (or would be, in a dry run)."""
     if dry_run:
-        return list(files)
-    removed = []
-    for done, stored in enumerate(files, 1):
-        if progress is not None:
-            progress("evict", done, len(files))
-        try:
-            os.unlink(stored.location)
-            removed.append(stored)
-        except FileNotFoundError:
-            pass  # another gc, or a reader discarding a bad fragment, got there first
-        except OSError as exc:
-            logger.warning("VUA gc: cannot remove %s: %s", stored.location, exc)
-    return removed
-
-
-def _remove_empty_dirs(root: Path, removed: list[StoredFile]) -> int:
-    """``rmdir`` the directories emptied by ``removed``, up to (not including) each namespace directory."""
-    store = str(root / STORE_DIR)
-    candidates: set[str] = set()
-    for stored in removed:
-        directory = os.path.dirname(stored.location)
-        while os.path.dirname(directory) != store and directory.startswith(store + os.sep):
-            candidates.add(directory)
-            directory = os.path.dirname(directory)
-    count = 0
-    for directory in sorted(candidates, key=lambda d: d.count(os.sep), reverse=True):
+        report.removed_bytes += stored.size
+        return True
+    try:
+        os.unlink(stored.location)
+    except FileNotFoundError:
+        return False  # another gc, or a reader discarding a bad fragment, got there first
+    except OSError as exc:
+        logger.warning("VUA gc: cannot remove %s: %s", stored.location, exc)
+        return False
+    report.removed_bytes += stored.size
+    directory = os.path.dirname(stored.location)
+    while os.path.dirname(directory) != store and directory.startswith(store + os.sep):
         try:
             os.rmdir(directory)
-            count += 1
         except OSError:
-            pass  # not empty (a writer is publishing into it), or already gone
-    return count
+            break  # not empty (a writer is publishing into it, or other files live there), or gone
+        report.dirs_removed += 1
+        directory = os.path.dirname(directory)
+    return True
 
 
 class RecencyTouch:

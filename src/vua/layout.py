@@ -4,13 +4,16 @@
 
     <root>/vua-v1/<namespace>/namespace.json
     <root>/vua-v1/<namespace>/<d0d1>/<d2d3>/<digest>/<shard>.safetensors
-    <root>/vua-v1/<namespace>/tails/<a0a1>/<a2a3>/<anchor>/<digest>.<shard>.safetensors
+    <root>/vua-v1/<namespace>/tails/<h0h1>/<h2h3>/<head>/<digest>.<shard>.safetensors
 
 A *full* fragment is found by the digest of the whole prefix it ends; a *tail* (a shorter,
-block-aligned last piece of a prompt) is found by listing the directory of the prefix it
-extends (its anchor), so one directory read finds every stored tail of that prefix. Two levels
-of 256-way fan-out keep directories small (about 150 entries each at 10 million fragments) and
-paths short whatever the prompt length.
+block-aligned last piece of a prompt) is found by listing the directory of its *head*: the
+digest of the prefix through the tail's first block. One directory read finds every stored tail
+that could continue a prompt, and that directory holds only tails sharing the prompt up to and
+including that block, not every tail after the same chunk (which, for prompts shorter than a
+chunk, would be every short prompt of the namespace). Writers keep each head directory under
+:data:`MAX_TAILS_PER_HEAD` tails. Two levels of 256-way fan-out keep the other directories small
+(about 150 entries each at 10 million fragments) and paths short whatever the prompt length.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from pathlib import Path
 
 from .errors import StoreRootError
 
-__all__ = ["STORE_DIR", "FRAGMENT_SUFFIX", "TEMP_MARK", "StoreLayout", "check_root", "is_temp_name", "prefix_relpath"]
+__all__ = ["MAX_TAILS_PER_HEAD", "STORE_DIR", "FRAGMENT_SUFFIX", "TEMP_MARK", "StoreLayout", "check_root", "is_temp_name", "prefix_relpath"]
 
 STORE_DIR = "vua-v1"
 FRAGMENT_SUFFIX = ".safetensors"
 TEMP_MARK = ".tmp-"
 TAILS_DIR = "tails"
+# Tails one head directory may hold: a listing on the lookup path stays one small read however
+# many prompts share a first block (a short system prompt, say); past it new tails are not stored.
+MAX_TAILS_PER_HEAD = 64
 
 
 def check_root(root: str | os.PathLike[str]) -> Path:
@@ -71,12 +77,13 @@ class StoreLayout:
     def fragment_path(self, digest: bytes, shard: str) -> Path:
         return self.prefix_dir(digest) / f"{shard}{FRAGMENT_SUFFIX}"
 
-    def tails_dir(self, anchor: bytes) -> Path:
-        h = anchor.hex()
+    def tails_dir(self, head: bytes) -> Path:
+        """The directory of the tails whose first block ends the prefix named by ``head``."""
+        h = head.hex()
         return self.namespace_dir / TAILS_DIR / h[0:2] / h[2:4] / h
 
-    def tail_path(self, anchor: bytes, digest: bytes, shard: str) -> Path:
-        return self.tails_dir(anchor) / f"{digest.hex()}.{shard}{FRAGMENT_SUFFIX}"
+    def tail_path(self, head: bytes, digest: bytes, shard: str) -> Path:
+        return self.tails_dir(head) / f"{digest.hex()}.{shard}{FRAGMENT_SUFFIX}"
 
     @staticmethod
     def parse_tail_name(name: str) -> tuple[str, str] | None:

@@ -158,10 +158,10 @@ class FragmentStore:
             return False
         return all(self.layout.fragment_path(digest, s).name in names for s in shards)
 
-    def tails(self, anchor: bytes) -> dict[str, set[str]]:
-        """Stored tails that extend the prefix ``anchor``: digest hex to the shards present."""
+    def tails(self, head: bytes) -> dict[str, set[str]]:
+        """Stored tails whose first block ends the prefix ``head``: digest hex to the shards present."""
         try:
-            names = os.listdir(self.layout.tails_dir(anchor))
+            names = os.listdir(self.layout.tails_dir(head))
         except OSError:
             return {}
         found: dict[str, set[str]] = {}

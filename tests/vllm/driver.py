@@ -5,7 +5,7 @@ starts from a cold vLLM (and the store is the only thing two runs share). Reads 
 from stdin:
 
     {"model": dir, "root": dir or null (no connector), "prompts": [...],
-     "max_tokens": 4, "block_size": 32, "max_num_batched_tokens": 256, "extra": {...},
+     "max_tokens": 4, "ignore_eos": false, "block_size": 32, "max_num_batched_tokens": 256, "extra": {...},
      "dtype": "float32", "policy": "recompute", "tp": 1, "prefix_caching": false,
      "async_scheduling": null, "force_async_scheduling": false, "speculative_config": null,
      "enable_lora": false, "enable_prompt_embeds": false,
@@ -77,7 +77,8 @@ def main() -> None:
         seed=0,
         **options,
     )
-    params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 4), logprobs=1)
+    params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 4), logprobs=1,
+                            ignore_eos=job.get("ignore_eos", False))
     actions = {int(k): v for k, v in job.get("between", {}).items()}
     embedding = _embedding_table(job["model"], dtype) if job.get("enable_prompt_embeds") else None
     results = []
@@ -183,13 +184,24 @@ def _rpc_totals(_worker) -> dict | None:
 
 
 def _flush_saves(llm) -> None:
-    """Wait until every rank's connector has written what it queued."""
+    """Wait until every rank's connector has written what it queued.
+
+    A finished request's last whole blocks are saved in the engine step after it finished
+    (vLLM holds its blocks until then). A serving engine core runs that step at once; the
+    in-process engine of ``LLM`` (VLLM_ENABLE_V1_MULTIPROCESSING=0) steps only inside
+    ``generate``, so it is stepped here as the next ``generate`` would, with nothing to run."""
+    from vllm.v1.engine.core_client import InprocClient
+
+    if isinstance(llm.llm_engine.engine_core, InprocClient):
+        llm.llm_engine.engine_core.get_output()
     llm.collective_rpc(_rpc_flush)
 
 
 def _totals(llm) -> dict:
     per_rank = [t for t in llm.collective_rpc(_rpc_totals) if t is not None]
-    totals = {key: sum(t[key] for t in per_rank) for key in per_rank[0]} if per_rank else {}
+    # Counters add up over ranks; observations (lists, such as lookup_seconds) are joined.
+    totals = {key: sum((t[key] for t in per_rank), [] if isinstance(per_rank[0][key], list) else 0)
+              for key in per_rank[0]} if per_rank else {}
     if per_rank:
         totals["ranks"] = len(per_rank)
     return totals

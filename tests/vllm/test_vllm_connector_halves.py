@@ -48,7 +48,7 @@ def stored(tmp_path: Path) -> Path:
     result = engine.run("p", P, step_tokens=20)
     engine.close()
     assert result["hit"] == 0
-    assert [(s.fragment.start, s.fragment.n_blocks, s.fragment.anchor is None) for s in result["saves"]] == [
+    assert [(s.fragment.start, s.fragment.n_blocks, s.fragment.head is None) for s in result["saves"]] == [
         (0, 4, True), (16, 4, True), (32, 4, True), (48, 2, False)]
     assert engine.worker.totals.data["saved_fragments"] == 4
     return tmp_path
@@ -253,7 +253,7 @@ def test_incompatible_kv_layout_turns_the_worker_off(stored: Path) -> None:
     assert engine.errors == set(result["block_ids"][:14])  # everything claimed is recomputed, nothing read
 
 
-def test_lookup_costs_one_metadata_operation_per_chunk(stored: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_whole_hit_costs_two_stats_and_a_listing(stored: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     for name in ("lstat", "stat", "listdir", "scandir"):
         original = getattr(os, name)
@@ -264,7 +264,7 @@ def test_lookup_costs_one_metadata_operation_per_chunk(stored: Path, monkeypatch
     assert engine.scheduler.switches.get_enabled  # looks at disable-get now, then not for a second
     calls.clear()
     assert engine.scheduler.get_num_new_matched_tokens(Request("c", P, SamplingParams(), None), 0)[0] == 56
-    assert calls == ["lstat", "lstat", "lstat", "listdir"]  # 3 chunks, then one listing for the tail
+    assert calls == ["lstat", "lstat", "listdir"]  # chunk 0, chunk 2 (the last), one listing for the tail
 
 
 def test_loading_before_the_forward_pass(stored: Path) -> None:

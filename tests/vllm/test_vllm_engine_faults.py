@@ -62,3 +62,17 @@ def test_a_failed_load_poisons_nothing(tmp_path: Path) -> None:
     # The warm run computes 28 tokens in one step where the baseline computed 700: vLLM's CPU
     # attention sums in another order, so logprobs may move in the last bits (never by 1e-3).
     assert_same_output(again, baseline, logprob_tolerance=1e-3)
+
+
+def test_a_fresh_engine_whose_first_forward_pass_computes_one_token_survives(tmp_path: Path) -> None:
+    """bf16 on a CPU with AMX: vLLM's CPU attention runs AMX tile instructions without asking Linux
+    for the tile state; a prefill of many tokens asks first (through oneDNN), but a fresh engine
+    whose first forward pass computes one token (the rest loaded by VUA) died of SIGILL until the
+    connector asked for it. Elsewhere (no AMX) this runs the same path, without the hazard."""
+    model = build_tiny_llama(TinyLlamaSpec())
+    prompt = LONG[:576]  # ends on a block boundary: everything but the last token is loaded
+    job = {"dtype": "bfloat16", "extra": {"chunk_size": 128}}
+    run_engine(model, tmp_path, [prompt], **job)
+    warm = run_engine(model, tmp_path, [prompt], **job)["results"][0]
+    assert warm["cached"] == len(prompt) - 1
+    assert all(math.isfinite(lp) for lp in warm["logprobs"]) and len(warm["tokens"]) == 4

@@ -89,3 +89,26 @@ def test_gc_evictions_and_files_found_gone_are_retracted(tmp_path: Path) -> None
     assert all(isinstance(e, BlockRemoved) for e in removed_now)
     assert {tuple(e.block_hashes) for e in removed_now} | {tuple(removed.block_hashes)} == stored
     engine.close()
+
+
+def test_generated_tokens_saved_are_announced_once_written(tmp_path: Path) -> None:
+    from test_vllm_decode_and_lookups import ANSWER, P as PROMPT
+
+    engine, events = _engine_with_events(tmp_path)
+    turn = engine.chat("t1", PROMPT, ANSWER, block_hasher=_hasher())  # 88 tokens, 87 computed: 21 whole blocks
+    assert turn["held"] is True
+    events.published(engine.worker.take_published())
+    stored = events.take()
+    assert all(isinstance(e, BlockStored) and e.medium == MEDIUM_STORAGE for e in stored)
+    tokens = PROMPT + ANSWER
+    hashes = [maybe_convert_block_hash(h) for h in turn["request"].block_hashes]
+    spans = sorted((hashes.index(e.block_hashes[0]), len(e.block_hashes)) for e in stored)
+    # The prompt's chunks and tail, the chunks decoding filled, and the last whole block, saved
+    # in the step after the request finished from the blocks vLLM held.
+    assert spans == [(0, 4), (4, 4), (8, 4), (12, 2), (12, 4), (16, 4), (20, 1)]
+    for e in stored:
+        first = hashes.index(e.block_hashes[0])
+        assert e.block_hashes == hashes[first : first + len(e.block_hashes)]
+        assert e.parent_block_hash == (hashes[first - 1] if first else None)
+        assert e.token_ids == tokens[first * BLOCK : (first + len(e.block_hashes)) * BLOCK]
+    engine.close()

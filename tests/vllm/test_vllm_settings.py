@@ -87,3 +87,13 @@ def test_switches_are_read_at_most_once_per_interval(tmp_path: Path) -> None:
     (tmp_path / "disable-put").touch()
     (tmp_path / "disable-get").unlink()
     assert fresh.get_enabled and not fresh.put_enabled
+
+
+def test_decode_and_lookup_budget_keys(tmp_path: Path) -> None:
+    defaults = parse({"shared_storage_path": str(tmp_path)})
+    assert (defaults.save_decode, defaults.lookup_budget_ms) == (True, 20)
+    chosen = parse({"shared_storage_path": str(tmp_path), "save_decode": "false", "lookup_budget_ms": 5})
+    assert (chosen.save_decode, chosen.lookup_budget_ms) == (False, 5)
+    for key, bad in (("save_decode", "maybe"), ("lookup_budget_ms", 0), ("lookup_budget_ms", "soon")):
+        with pytest.raises(ConfigError, match=key):
+            parse({"shared_storage_path": str(tmp_path), key: bad})

@@ -26,18 +26,22 @@ def test_stats_round_trip_aggregate_and_reduce() -> None:
     worker.add(loaded_fragments=2, loaded_bytes=3_000_000_000, load_seconds=1.5, saved_bytes=1_000_000_000,
                save_seconds=2.0, load_errors=1, load_internal_errors=1, save_internal_errors=2)
     scheduler = VUAConnectorStats()
-    scheduler.add(requests=2, prompt_tokens=1000, hit_tokens=250, lookups=3)
-    scheduler.observe("lookup_seconds", 0.002)
+    scheduler.add(requests=2, prompt_tokens=1000, hit_tokens=250, decode_saves=3, lookups_deferred=1)
+    scheduler.add_lookup(0.004)
+    scheduler.add_lookup(0.002)
     rebuilt = VUAStorageConnector_V1.build_kv_connector_stats(worker.to_dict())
     assert rebuilt is not None and rebuilt.data == worker.data
     total = rebuilt.aggregate(scheduler)
     assert set(total.data) == set(COUNTERS) | set(OBSERVATIONS)
-    assert total.data["lookup_seconds"] == [0.002]
+    assert total.data["lookup_seconds"] == [0.004, 0.002]
     assert total.reduce() == {
-        "Requests": 2, "Hit tokens": 250, "Hit rate (%)": 25.0, "Lookups": 3, "Loaded GB": 3.0, "Load GB/s": 2.0,
+        "Requests": 2, "Hit tokens": 250, "Hit rate (%)": 25.0, "Lookups": 2, "Loaded GB": 3.0, "Load GB/s": 2.0,
         "Saved GB": 1.0, "Save GB/s": 0.5, "Load errors": 1, "Save errors": 0, "Saves skipped": 0,
-        "Saves dropped after a failed load": 0, "Internal errors": 3,
+        "Saves dropped after a failed load": 0, "Internal errors": 3, "Decode fragments planned": 3,
+        "Lookup ms (mean)": 3.0, "Lookups deferred": 1,
     }
+    # The one lookup histogram (the same observations Prometheus buckets): cumulative counts.
+    assert (total.data["lookups"], total.lookups_within(1e-3), total.lookups_within(1e-2)) == (2, 0, 2)
     assert not total.is_empty()
     total.reset()
     assert total.is_empty()
@@ -120,3 +124,36 @@ def test_a_resumed_request_is_counted_once_with_its_first_claim(tmp_path: Path) 
     assert claims == [19, 19]
     assert (stats["requests"], stats["prompt_tokens"], stats["hit_tokens"], stats["lookups"]) == (1, 20, 19, 2)
     engine.close()
+
+
+def test_hits_are_counted_once_across_deferred_lookups_and_only_for_the_prompt(tmp_path: Path) -> None:
+    import threading
+
+    from test_vllm_decode_and_lookups import ANSWER, P
+
+    writer = Engine(tmp_path)
+    writer.chat("t1", P, ANSWER)  # the prompt and the answer are stored
+    stats = writer.scheduler.take_stats().data
+    # Prompt tokens are the prompt's, not the answer the request generated.
+    assert (stats["requests"], stats["prompt_tokens"], stats["hit_tokens"], stats["decode_saves"]) == (1, len(P), 0, 3)
+    writer.close()
+
+    reader = Engine(tmp_path, lookup_budget_ms=20)
+    release = threading.Event()
+    has_shards = reader.scheduler.store.has_shards
+    reader.scheduler.store.has_shards = lambda *a: release.wait(5) and has_shards(*a)  # a stalled mount
+    next_turn = P + ANSWER + [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    request = Request("t2", next_turn, SamplingParams(max_tokens=1), None)
+    assert reader.scheduler.get_num_new_matched_tokens(request, 0) == (None, False)  # asked again later
+    assert reader.scheduler._stats.data["requests"] == 0  # not finished: not counted yet
+    release.set()
+    reader.scheduler._requests["t2"].lookup.result(5)
+    hit, _ = reader.scheduler.get_num_new_matched_tokens(request, 0)
+    assert hit == 84
+    blocks = list(range(1, 1 + -(-len(next_turn) // 4)))
+    reader.scheduler.update_state_after_alloc(request, KVCacheBlocks(([KVCacheBlock(b) for b in blocks],)), hit)
+    reader.scheduler.request_finished(request, blocks)
+    stats = reader.scheduler.take_stats().data
+    assert (stats["requests"], stats["prompt_tokens"], stats["hit_tokens"]) == (1, len(next_turn), 84)
+    assert (stats["lookups"], stats["lookups_deferred"], len(stats["lookup_seconds"])) == (1, 1, 1)
+    reader.close()

@@ -115,6 +115,50 @@ class Engine:
         self._free.extend(block_ids)
         return {"hit": hit, "block_ids": block_ids, "request": request, **jobs}
 
+    def chat(self, request_id: str, prompt: list[int], answer: list[int], step_tokens: int = 64,
+             block_hasher: Callable[[Request], list] | None = None) -> dict:
+        """Prefill ``prompt``, then generate ``answer`` one token a step (the tokens are given, not
+        sampled), finish, and run the step after it; returns the saves planned and the step after
+        (and the request, whose ``block_hashes`` are vLLM's when a ``block_hasher`` is given)."""
+        request = Request(request_id, list(prompt), SamplingParams(max_tokens=len(answer)), None,
+                          block_hasher=block_hasher)
+        hit, _ = self.scheduler.get_num_new_matched_tokens(request, 0)
+        tokens = list(prompt) + list(answer)
+        block_ids = [self._free.pop(0) for _ in range(-(-len(tokens) // BLOCK))]
+        self.scheduler.update_state_after_alloc(request, KVCacheBlocks(([KVCacheBlock(b) for b in block_ids],)), hit)
+        saves, computed, first = [], hit, True
+        while computed < len(tokens) - 1:  # the last token is sampled, never computed
+            scheduled = min(step_tokens, len(prompt) - computed) if computed < len(prompt) else 1
+            output = SchedulerOutput.make_empty()
+            output.num_scheduled_tokens = {request_id: scheduled}
+            if first:
+                output.scheduled_new_reqs = [NewRequestData.from_request(request, (block_ids,))]
+                output.scheduled_new_reqs[0].num_computed_tokens = computed
+            else:
+                output.scheduled_cached_reqs = CachedRequestData(
+                    req_ids=[request_id], resumed_req_ids=set(), new_token_ids=[], all_token_ids={},
+                    new_block_ids=[None], num_computed_tokens=[computed], num_output_tokens=[0])
+            meta = self.scheduler.build_connector_meta(output)
+            saves += meta.saves
+            self.worker.start_load(meta.loads)
+            for layer in LAYERS:
+                self.worker.wait_for_layer_load(layer)
+                self.compute(tokens, block_ids, computed, computed + scheduled, layer)
+            self.worker.wait_for_save(meta.saves, meta.failures_seen, meta.released)
+            computed += scheduled
+            first = False
+            if computed >= len(prompt):  # this step sampled a token
+                request.append_output_token_ids(tokens[len(request.all_token_ids)])
+        request.num_computed_tokens = computed
+        held, _ = self.scheduler.request_finished(request, block_ids[: -(-computed // BLOCK)])
+        after = self.scheduler.build_connector_meta(SchedulerOutput.make_empty())
+        self.worker.wait_for_save(after.saves, after.failures_seen, after.released)
+        finished = self.worker.take_finished()
+        self.worker.flush()
+        self._free.extend(block_ids)
+        return {"hit": hit, "saves": saves, "held": held, "after": after, "finished": finished, "block_ids": block_ids,
+                "request": request}
+
     def first_step(self, request_id: str, tokens: list[int], block_ids: list[int], scheduled: int = 2):
         """Look up, allocate and schedule a new request for one step; the connector metadata of that step."""
         request = Request(request_id, list(tokens), SamplingParams(max_tokens=1), None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import os
-from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -31,12 +31,14 @@ __all__ = [
     "ScheduledRequest",
     "scheduled_requests",
     "prompt_if_cacheable",
+    "known_token_ids",
     "served_attention_spec",
     "kv_cache_settings",
     "kv_block_size",
     "parallel_ranks",
     "recompute_failed_loads",
     "any_rank_failed",
+    "allow_cpu_attention_tiles",
     "prepare_cli",
     "route_logs_like_vllm",
     "kv_events_enabled",
@@ -133,6 +135,12 @@ def prompt_if_cacheable(request: Any) -> tuple[list[int], str] | None:
     return request.prompt_token_ids, getattr(request, "cache_salt", None) or ""
 
 
+def known_token_ids(request: Any) -> Sequence[int]:
+    """The request's prompt and generated token ids so far: sampled tokens only, never the
+    placeholders of async scheduling or unverified speculative drafts (those are kept apart)."""
+    return request.all_token_ids
+
+
 def served_attention_spec(kv_cache_config: "KVCacheConfig") -> tuple[Any, bool]:
     """``(spec, is MLA)`` of the one KV cache group of full or MLA attention VUA can store.
 
@@ -204,6 +212,18 @@ def recompute_failed_loads(vllm_config: "VllmConfig") -> str | None:
         return None
     config.kv_load_failure_policy = "recompute"
     return str(previous)
+
+
+def allow_cpu_attention_tiles() -> None:
+    """Ask Linux for the AMX tile state vLLM's CPU attention uses for bf16 (ISA ``amx``).
+
+    vLLM's attention kernel uses AMX without asking for it; the process gets permission only when
+    some oneDNN matmul asks first, which a prefill of many tokens does. With VUA the first forward
+    pass of a fresh engine can compute a single token (the rest is loaded), and the attention
+    kernel then dies of SIGILL. Asking is idempotent and harmless where AMX is absent.
+    """
+    if torch.cpu._is_amx_tile_supported():
+        torch.cpu._init_amx()
 
 
 def any_rank_failed(failed: list[bool]) -> list[bool]:

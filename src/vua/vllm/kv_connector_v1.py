@@ -127,7 +127,11 @@ class VUAStorageConnector_V1(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         meta = self._bound()
-        self._worker.wait_for_save(meta.saves, meta.failures_seen)
+        self._worker.wait_for_save(meta.saves, meta.failures_seen, meta.released)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        # Finished sending: requests whose blocks were held for their last saves, copied out now.
+        return self._worker.take_finished() or None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors()

@@ -6,7 +6,8 @@ digests of :func:`vua.keys.chained_digests` at KV-block granularity:
 
 * a *full chunk* ``c`` (blocks ``[c*cb, (c+1)*cb)``) lives at ``fragment_path(digest[(c+1)*cb-1])``;
 * a *tail* of ``k < cb`` blocks starting at chunk ``c`` lives at
-  ``tail_path(anchor=digest[c*cb-1] (the seed for c=0), digest[c*cb+k-1])``.
+  ``tail_path(head=digest[c*cb], digest[c*cb+k-1])``: it is filed under the prefix through its
+  own first block, so a lookup lists only tails that share that block.
 
 Each fragment holds one tensor per attention layer, ``[n_blocks, *block_shape]``, so every KV
 block is one contiguous piece of the file.
@@ -31,18 +32,18 @@ SCRATCH = -1
 
 @dataclass(frozen=True)
 class FragmentRef:
-    """One stored fragment: a full chunk (``anchor`` None) or a tail."""
+    """One stored fragment: a full chunk (``head`` None) or a tail."""
 
     digest: bytes
-    anchor: bytes | None
+    head: bytes | None  # a tail's directory: the digest of the prefix through its first block
     start: int  # position of its first token
     n_blocks: int
     tokens: np.ndarray  # its own token ids (int64), verified against the stored ones on load
 
     def path(self, layout: StoreLayout, shard: str) -> Path:
-        if self.anchor is None:
+        if self.head is None:
             return layout.fragment_path(self.digest, shard)
-        return layout.tail_path(self.anchor, self.digest, shard)
+        return layout.tail_path(self.head, self.digest, shard)
 
 
 @dataclass
@@ -77,8 +78,13 @@ class SaveJob:
 class VUAConnectorMetadata(KVConnectorMetadata):
     """One step's jobs. ``failures_seen`` counts the load-failure reports (steps whose
     ``invalid_block_ids`` were not empty) the scheduler had processed when it planned the step:
-    the worker keeps dropping saves that depend on a failed block until then."""
+    the worker keeps dropping saves that depend on a failed block until then.
+
+    ``released`` are finished requests whose blocks vLLM holds for this step's saves (the
+    scheduler half returned True from ``request_finished``): once the worker has copied them out
+    in ``wait_for_save``, it reports them as finished sending and vLLM frees the blocks."""
 
     loads: list[LoadJob] = field(default_factory=list)
     saves: list[SaveJob] = field(default_factory=list)
     failures_seen: int = 0
+    released: list[str] = field(default_factory=list)

@@ -16,13 +16,9 @@ from typing import Any
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
 from vllm.v1.metrics.utils import create_metric_per_engine
 
-from .stats import COUNTERS, VUAConnectorStats
+from .stats import COUNTERS, LOOKUP_BUCKETS, VUAConnectorStats
 
 __all__ = ["VUAPromMetrics", "LOOKUP_BUCKETS"]
-
-# A lookup is one stat per stored chunk plus one listing: tens of microseconds on a local disk,
-# milliseconds over NFS, more when the server struggles.
-LOOKUP_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 
 # Plain counters: (stats field, metric name, documentation).
 _COUNTERS = (
@@ -31,6 +27,8 @@ _COUNTERS = (
     ("hit_tokens", "vllm:vua_hit_tokens", "Prompt tokens of vllm:vua_requests loaded from the VUA store at admission, "
      "less those recomputed because their load failed."),
     ("lookups", "vllm:vua_lookups", "Lookups of a prompt's longest stored prefix in the VUA store."),
+    ("lookups_deferred", "vllm:vua_lookups_deferred", "Lookups still running after lookup_budget_ms: vLLM was told to "
+     "ask again at its next step while the lookup went on in the background."),
     ("loaded_fragments", "vllm:vua_loaded_fragments", "Fragments loaded from the VUA store."),
     ("loaded_bytes", "vllm:vua_loaded_bytes", "KV bytes loaded from the VUA store."),
     ("load_seconds", "vllm:vua_load_seconds", "Time spent loading, from the start of a step's loads to their last byte."),
@@ -39,6 +37,9 @@ _COUNTERS = (
     ("save_seconds", "vllm:vua_save_seconds", "Time spent writing saved fragments, summed over writer threads."),
     ("saves_skipped", "vllm:vua_saves_skipped", "Saves skipped because staging memory (max_staging_bytes) was full."),
     ("saves_poisoned", "vllm:vua_saves_poisoned", "Saves dropped because they were computed over KV that failed to load."),
+    ("decode_saves", "vllm:vua_decode_saves", "Fragments planned for saving that hold generated tokens (for the next turn)."),
+    ("tails_skipped", "vllm:vua_tails_skipped", "Tails not stored because their head directory already holds "
+     "MAX_TAILS_PER_HEAD tails."),
 )
 # Counters with a "kind" label: storage (a missing, corrupt or unreadable file, a full or read-only
 # disk: a miss or a skipped save) or internal (a bug, logged with its traceback: a recompute).
@@ -69,7 +70,7 @@ class VUAPromMetrics(KVConnectorPromMetrics):
                 self.counters[field] = {idx: metric.labels(*values, kind) for idx, values in engines.items()}
         self.lookup_seconds = create_metric_per_engine(
             self._histogram_cls(name="vllm:vua_lookup_time_seconds", documentation="Time of one lookup in the VUA store.",
-                                buckets=LOOKUP_BUCKETS, labelnames=labelnames),
+                                buckets=list(LOOKUP_BUCKETS), labelnames=labelnames),
             engines,
         )
 

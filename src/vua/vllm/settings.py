@@ -36,6 +36,16 @@ Every key, its default and why:
     True ends every claim on a KV-block boundary, so the tokens vLLM still computes start on a
     block boundary exactly as in a full prefill and outputs are bit-identical to a recompute, at
     the cost of computing up to one block more.
+``save_decode`` (default true)
+    Also store the KV of generated tokens, so that the next chat turn (prompt + answer + new
+    message) reuses the answer as well as the prompt. Only whole blocks whose every token's KV
+    is in the cache are stored: full chunks as decoding fills them, and when the request ends,
+    the full blocks past its last full chunk as a tail (the request's blocks are held for one
+    more step for that copy). False stores prompts only.
+``lookup_budget_ms`` (default 20)
+    How long a lookup may hold vLLM's scheduler. A lookup still running after this answers
+    "ask again later" (vLLM keeps the request waiting and asks at its next step) and finishes in
+    a background thread, so a slow metadata server delays that request, not every request.
 ``durable`` (default true)
     fsync each fragment and its directory before it becomes visible (a crash never leaves a
     claimed fragment half written). False trades that for write speed on scratch storage.
@@ -73,6 +83,8 @@ _KNOWN_KEYS = {
     "layerwise_load",
     "min_recompute_tokens",
     "claim_whole_blocks",
+    "save_decode",
+    "lookup_budget_ms",
 }
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -126,6 +138,8 @@ class ConnectorSettings:
     layerwise_load: bool = True
     min_recompute_tokens: int = 1
     claim_whole_blocks: bool = False
+    save_decode: bool = True
+    lookup_budget_ms: int = 20
 
     @property
     def blocks_per_chunk(self) -> int:
@@ -182,6 +196,8 @@ class ConnectorSettings:
             layerwise_load=parse_bool(extra.get("layerwise_load", True), "layerwise_load"),
             claim_whole_blocks=parse_bool(extra.get("claim_whole_blocks", False), "claim_whole_blocks"),
             min_recompute_tokens=_parse_positive_int(extra.get("min_recompute_tokens", 1), "min_recompute_tokens"),
+            save_decode=parse_bool(extra.get("save_decode", True), "save_decode"),
+            lookup_budget_ms=_parse_positive_int(extra.get("lookup_budget_ms", 20), "lookup_budget_ms"),
         )
 
 

@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ from ..errors import VUAError
 from ..integrity import device_checksum, has_device_checksums
 from ..serdes import dtype_name, host_bytes
 from ..store import Fragment, FragmentStore, TensorSource
-from ._compat import any_rank_failed
+from ._compat import allow_cpu_attention_tiles, any_rank_failed
 from .identity import StoreIdentity
 from .metadata import SCRATCH, FragmentRef, LoadJob, SaveJob
 from .settings import ConnectorSettings
@@ -80,6 +80,7 @@ class WorkerSide:
         self._reports = 0  # calls of take_load_errors that reported failed blocks
         self._poisoned: list[tuple[int, set[int]]] = []  # (report number, blocks) not yet seen by the scheduler
         self._staged_bytes = 0
+        self._released: set[str] = set()  # finished requests whose held blocks were copied out
         self._stats = VUAConnectorStats()
         self.totals = VUAConnectorStats()  # since start-up, for tests and benchmarks
         self._warned: dict[str, float] = {}
@@ -92,6 +93,8 @@ class WorkerSide:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Keep the per-layer paged tensors whose layout is the one the namespace records; refuse the rest."""
         expected = tuple(self.identity.block_shape)
+        if any(not tensor.is_cuda for tensor in kv_caches.values()):
+            allow_cpu_attention_tiles()
         for name, tensor in kv_caches.items():
             block_numel = tensor[0].numel() if tensor.dim() > 1 else 0
             fits = (
@@ -275,15 +278,29 @@ class WorkerSide:
 
     # ---- saves ----
 
-    def wait_for_save(self, jobs: list[SaveJob], failures_seen: int) -> None:
+    def wait_for_save(self, jobs: list[SaveJob], failures_seen: int, released: Sequence[str] = ()) -> None:
         """Called once the forward pass is done: stage the due chunks and hand them to the writers.
 
         A save that depends on a block whose load failed is dropped: it was computed over KV that
         is not the prompt's. ``failures_seen`` tells which failures the scheduler had already
-        accounted for (rewinding the request) when it planned these saves.
+        accounted for (rewinding the request) when it planned these saves. ``released`` are
+        finished requests whose blocks vLLM held for these saves: once they are copied out (or
+        skipped), :meth:`take_finished` reports them so that vLLM frees the blocks. Every worker
+        reports them, writing or not, since vLLM waits for all of them.
         """
         self._finish_loads()
         self._poisoned = [(report, blocks) for report, blocks in self._poisoned if report > failures_seen]
+        try:
+            self._stage_all(jobs)
+        finally:
+            self._released.update(released)
+
+    def take_finished(self) -> set[str]:
+        """Finished requests whose blocks are no longer needed (vLLM's ``finished_sending``)."""
+        finished, self._released = self._released, set()
+        return finished
+
+    def _stage_all(self, jobs: list[SaveJob]) -> None:
         if not jobs or not self.writes or not self._layers:
             return
         poisoned = set().union(*(blocks for _, blocks in self._poisoned))
