@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent / "faults"))
 
 from workload import CONFIG, SPLIT, check_prefix, kv_for, open_store, prompt  # noqa: E402
 
-from vua.cli import _Progress, main, parse_duration, parse_size  # noqa: E402
+from vua.cli import main, parse_duration, parse_size  # noqa: E402
 from vua.inventory import FULL, walk  # noqa: E402
 
 
@@ -149,18 +149,77 @@ def test_size_and_duration_parsing() -> None:
         parse_duration("soon")
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
+def _du(root: Path) -> int:
+    """Bytes of every file under ``root``, as ``du -b`` sums files (directories left out)."""
+    return sum(p.lstat().st_size for p in root.rglob("*") if not p.is_dir() or p.is_symlink())
 
 
-def test_progress_bar_only_on_a_terminal() -> None:
-    terminal, pipe = _Terminal(), io.StringIO()
-    for stream in (terminal, pipe):
-        progress = _Progress("verify", 4, stream)
-        for done in range(1, 5):
-            progress.update(done)
-        progress.close()
-    assert terminal.getvalue().endswith("\rverify [" + "#" * 30 + "] 4/4\n")
-    assert pipe.getvalue() == ""
+def test_gc_budget_counts_every_file_it_keeps(store: Path) -> None:
+    fragments = sorted(walk(store), key=lambda f: f.location)
+    now = time.time()
+    for age, fragment in enumerate(fragments):  # the first is the most recently used
+        os.utime(fragment.path, (now - 3600 * age, now - 3600 * age))
+    # Room for all but the oldest fragment and 10 bytes: counting fragments alone, evicting the
+    # oldest would do, and namespace.json (hundreds of bytes) would leave the root over budget.
+    budget = sum(f.size for f in fragments[:-1]) + 10
+    assert (store / "vua-v1" / CONFIG.namespace().name / "namespace.json").stat().st_size > 10
+    code, text = run("gc", str(store), "--max-size", str(budget), "--json")
+    report = json.loads(text)
+    assert code == 0 and report["evicted"] == 2
+    assert _du(store) == report["bytes_after"] <= budget
 
+
+def test_stats_windows_per_namespace(store: Path) -> None:
+    now = time.time()
+    written_2d_read_30m, written_3h, never_read_8d = [f for f in walk(store)][:3]
+    os.utime(written_2d_read_30m.path, (now - 1800, now - 2 * 86400))
+    os.utime(written_3h.path, (now - 3 * 3600, now - 3 * 3600))
+    os.utime(never_read_8d.path, (now - 8 * 86400, now - 8 * 86400))
+    fresh = [f for f in walk(store) if f.path not in (written_2d_read_30m.path, written_3h.path, never_read_8d.path)]
+    size = written_2d_read_30m.size
+    assert all(f.size == size for f in walk(store))  # one chunk size: byte counts follow fragment counts
+    code, text = run("stats", str(store), "--json")
+    (row,) = json.loads(text)["namespaces"]
+    windows = row["windows"]
+    assert windows["1h"] == {"written": len(fresh), "written_bytes": len(fresh) * size, "reused": 1,
+                             "reused_bytes": size, "hit_rate": round(1 / (len(fresh) + 1), 4)}
+    assert windows["1d"]["written"] == len(fresh) + 1 and windows["1d"]["reused"] == 1
+    assert windows["7d"]["written"] == len(fresh) + 2
+    assert windows["7d"]["hit_rate"] == round(1 / (len(fresh) + 2), 4)  # the 8-day-old one is out
+    assert "last  1h: written" in run("stats", str(store))[1]
+
+
+def _stderr_on_a_terminal(*argv: str) -> str:
+    """Run ``python -m vua ARGV`` with stderr on a pseudo-terminal (stdout a pipe); what the terminal showed."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0x0
+    done = subprocess.run([sys.executable, "-m", "vua", *argv], stdout=subprocess.PIPE, stderr=slave, timeout=120)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the terminal has no writer left
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert done.returncode == 0, shown
+    return shown.decode(errors="replace")
+
+
+def test_progress_bars_only_on_a_terminal_and_never_with_json(store: Path) -> None:
+    n = _expected_fragments()
+    verify = _stderr_on_a_terminal("verify", str(store))
+    assert "verify: 100%" in verify and f"{n}/{n}" in verify
+    assert _stderr_on_a_terminal("verify", str(store), "--json") == ""
+    gc = _stderr_on_a_terminal("gc", str(store), "--max-size", "0")
+    assert "gc scan" in gc and f"gc evict: 100%" in gc and f"{n}/{n}" in gc
+    piped = subprocess.run([sys.executable, "-m", "vua", "verify", str(store)], capture_output=True, timeout=120)
+    assert piped.returncode == 0 and piped.stderr == b""

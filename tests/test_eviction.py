@@ -31,6 +31,11 @@ def _age_everything(root: Path, seconds_ago: float) -> None:
         os.utime(stored.path, (when, when))
 
 
+def _descriptors(root: Path) -> int:
+    """Bytes of the namespace descriptors, which gc keeps and counts against the budget."""
+    return sum(p.stat().st_size for p in (root / STORE_DIR).glob("*/namespace.json"))
+
+
 def _stored_groups(vua, tokens) -> int:
     return check_prefix(vua, tokens)
 
@@ -44,8 +49,8 @@ def test_least_recently_used_prompt_goes_first(tmp_path: Path) -> None:
         new_bytes = sum(f.size for f in _fragments(tmp_path)) - sum(
             f.size for f in _fragments(tmp_path) if f.mtime < time.time() - 1800
         )
-        report = collect(tmp_path, max_bytes=new_bytes)
-        assert report.bytes_after <= new_bytes
+        report = collect(tmp_path, max_bytes=new_bytes + _descriptors(tmp_path))
+        assert report.bytes_after <= new_bytes + _descriptors(tmp_path)
         assert _stored_groups(vua, old) == 0
         assert _stored_groups(vua, new) == len(new) // SPLIT
 
@@ -57,7 +62,7 @@ def test_equally_old_chain_loses_its_deepest_fragments_first(tmp_path: Path) -> 
         vua.put(tokens, kv_for(tokens))
         _age_everything(tmp_path, 60)
         sizes = [f.size for f in _fragments(tmp_path)]
-        report = collect(tmp_path, max_bytes=sum(sizes) - 2 * max(sizes))
+        report = collect(tmp_path, max_bytes=sum(sizes) - 2 * max(sizes) + _descriptors(tmp_path))
         assert report.evicted == 2
         assert _stored_groups(vua, tokens) == groups - 2  # the prefix survives, whole
 
@@ -79,7 +84,7 @@ def test_dry_run_removes_nothing(tmp_path: Path) -> None:
     with open_store(str(tmp_path)) as vua:
         vua.put(tokens, kv_for(tokens))
         report = collect(tmp_path, max_bytes=0, dry_run=True)
-        assert report.evicted == len(tokens) // SPLIT and report.bytes_after == 0
+        assert report.evicted == len(tokens) // SPLIT and report.bytes_after == _descriptors(tmp_path)
         assert _stored_groups(vua, tokens) == len(tokens) // SPLIT
 
 
@@ -134,7 +139,7 @@ def test_a_recent_hit_protects_a_prompt_from_eviction(tmp_path: Path) -> None:
         _age_everything(tmp_path, 3600)
         assert _stored_groups(vua, used) == len(used) // SPLIT
         used_bytes = sum(f.size for f in _fragments(tmp_path) if time.time() - f.last_used < 60)
-        collect(tmp_path, max_bytes=used_bytes)
+        collect(tmp_path, max_bytes=used_bytes + _descriptors(tmp_path))
         assert _stored_groups(vua, unused) == 0
         assert _stored_groups(vua, used) == len(used) // SPLIT
 
@@ -194,7 +199,7 @@ def test_tails_are_listed_checked_and_evicted_before_full_fragments(tmp_path: Pa
     found = {f.kind: f for f in walk(tmp_path)}
     assert sorted(found) == [FULL, TAIL] and found[TAIL].key == tail.hex() and found[FULL].key == anchor.hex()
     assert check_fragment(found[TAIL]) is None and check_fragment(found[FULL]) is None
-    report = collect(tmp_path, max_bytes=found[FULL].size)
+    report = collect(tmp_path, max_bytes=found[FULL].size + _descriptors(tmp_path))
     assert report.evicted == 1 and not tail_path.exists() and full_path.exists()
     assert not store.layout.tails_dir(anchor).exists()
 
@@ -237,7 +242,38 @@ def test_a_bounded_candidate_heap_still_evicts_down_to_the_target(tmp_path: Path
         _age_everything(tmp_path, 3600)
         vua.put(new, kv_for(new))
         new_bytes = sum(f.size for f in _fragments(tmp_path) if f.mtime > time.time() - 1800)
-        report = collect(tmp_path, max_bytes=new_bytes, max_candidates=2)  # several scans, two victims each
-        assert report.evicted == len(old) // SPLIT and report.bytes_after <= new_bytes
+        budget = new_bytes + _descriptors(tmp_path)  # gc counts the namespace descriptor it keeps
+        report = collect(tmp_path, max_bytes=budget, max_candidates=2)  # several scans, two victims each
+        assert report.evicted == len(old) // SPLIT and report.bytes_after <= budget
         assert _stored_groups(vua, old) == 0
         assert _stored_groups(vua, new) == len(new) // SPLIT
+
+
+def test_every_evicted_fragment_is_told_and_progress_is_reported_across_rescans(tmp_path: Path) -> None:
+    expired, old, new = prompt(3), prompt(1), prompt(2)
+    with open_store(str(tmp_path)) as vua:
+        vua.put(expired, kv_for(expired))
+        _age_everything(tmp_path, 10 * 86400)
+        vua.put(old, kv_for(old))
+        for stored in _fragments(tmp_path):
+            if time.time() - stored.last_used < 3600:
+                os.utime(stored.path, (time.time() - 3600, time.time() - 3600))
+        vua.put(new, kv_for(new))
+        new_bytes = sum(f.size for f in _fragments(tmp_path) if f.mtime > time.time() - 1800)
+        before = {f.location for f in _fragments(tmp_path)}
+        told: list = []
+        phases: list = []
+        report = collect(tmp_path, max_bytes=new_bytes + _descriptors(tmp_path), max_age_s=86400, max_candidates=2,
+                         on_removed=told.extend, progress=lambda phase, done, total: phases.append((phase, done, total)))
+        after = {f.location for f in _fragments(tmp_path)}
+        assert report.expired == len(expired) // SPLIT
+        assert report.evicted == (len(expired) + len(old)) // SPLIT  # expired ones count as evicted too
+        assert sorted(f.location for f in told) == sorted(before - after)  # each one once
+        scans = [done for phase, done, _ in phases if phase == "scan" and done == 1]
+        assert len(scans) >= 2  # a rescan starts counting again
+        evicts = [(done, total) for phase, done, total in phases if phase == "evict"]
+        assert evicts and all(done <= total <= 2 for done, total in evicts)
+        # A dry run removes nothing and so tells nothing.
+        told.clear()
+        collect(tmp_path, max_bytes=0, dry_run=True, on_removed=told.extend)
+        assert told == []

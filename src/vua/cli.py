@@ -25,6 +25,8 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Any, Callable, Sequence, TextIO
 
+from tqdm import tqdm
+
 from .errors import VUAError
 from .eviction import DEFAULT_RESOLUTION_S, DEFAULT_TEMP_GRACE_S, collect
 from .inventory import FULL, STRAY, TAIL, TEMP, StoredFile, check_fragment, namespaces, walk
@@ -36,6 +38,8 @@ _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 <
 _TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # Upper bounds of the age histogram buckets, in seconds.
 _AGE_BUCKETS = [("<1m", 60), ("<10m", 600), ("<1h", 3600), ("<1d", 86400), ("<7d", 7 * 86400), ("<30d", 30 * 86400), (">=30d", float("inf"))]
+# The windows `vua stats` reports activity over, ending now.
+_WINDOWS = [("1h", 3600), ("1d", 86400), ("7d", 7 * 86400)]
 
 
 def parse_size(text: str) -> int:
@@ -69,26 +73,11 @@ def _histogram(seconds: list[float]) -> dict[str, int]:
     return counts
 
 
-class _Progress:
-    """``verify 1234/5678`` on stderr, redrawn at most 10 times a second, only on a terminal."""
-
-    def __init__(self, label: str, total: int, stream: TextIO = sys.stderr) -> None:
-        self.label, self.total, self.stream = label, total, stream
-        self.enabled = stream.isatty() and total > 0
-        self._drawn = 0.0
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if self.enabled and (now - self._drawn > 0.1 or done == self.total):
-            self._drawn = now
-            width = 30
-            filled = width * done // self.total
-            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
+def _progress(args: argparse.Namespace, label: str, total: int | None, unit: str) -> tqdm | None:
+    """A progress bar on stderr for a person watching a terminal; none for scripts (``--json``, a pipe)."""
+    if args.json or not sys.stderr.isatty():
+        return None
+    return tqdm(total=total, desc=label, unit=unit, file=sys.stderr)
 
 
 def _inventory(root: str) -> tuple[list[Any], list[StoredFile]]:
@@ -154,6 +143,34 @@ def _file_json(f: StoredFile) -> dict[str, Any]:
     return {"namespace": f.namespace, "kind": f.kind, "key": f.key, "path": f.location, "size": f.size, "mtime": f.mtime, "last_used": f.last_used}
 
 
+def _windows(stored: list[StoredFile], now: float) -> dict[str, dict[str, Any]]:
+    """Activity per window, from the files alone.
+
+    A fragment was *written* in a window when its mtime falls in it, and *reused* when it was read
+    back in it: its atime is past its mtime (the kernel moves atime on the first read after a
+    write on relatime mounts, and the connector's RecencyTouch at most every 10 minutes) and falls
+    in the window. The hit rate is the share of the bytes used in the window, written or read,
+    that were reused. Fragments evicted since are not counted, and reads within 10 minutes of the
+    last recorded one leave no trace, so it is a floor, not a request-level hit rate (that one is
+    on vLLM's /metrics, ``vllm:vua_hit_tokens_total``).
+    """
+    result = {}
+    for name, seconds in _WINDOWS:
+        since = now - seconds
+        written = [f for f in stored if f.mtime >= since]
+        reused = [f for f in stored if f.atime > f.mtime and f.atime >= since]
+        used_bytes = sum(f.size for f in stored if f.last_used >= since)
+        reused_bytes = sum(f.size for f in reused)
+        result[name] = {
+            "written": len(written),
+            "written_bytes": sum(f.size for f in written),
+            "reused": len(reused),
+            "reused_bytes": reused_bytes,
+            "hit_rate": round(reused_bytes / used_bytes, 4) if used_bytes else None,
+        }
+    return result
+
+
 def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     spaces, files = _inventory(args.root)
     now = time.time()
@@ -167,7 +184,10 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
         "temp_files": len(temps),
         "temp_bytes": sum(f.size for f in temps),
         "strays": sum(f.kind == STRAY for f in files),
-        "namespaces": _namespace_rows(spaces, files),
+        "namespaces": [
+            row | {"windows": _windows([f for f in stored if f.namespace == row["name"]], now)}
+            for row in _namespace_rows(spaces, files)
+        ],
         "age": _histogram([now - f.mtime for f in stored]),
         "last_use": _histogram([now - f.last_used for f in stored]),
     }
@@ -182,6 +202,10 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     )
     for row in result["namespaces"]:
         out.write(f"  {row['name']}  {_describe(row['description'])}: {row['fragments'] + row['tails']} entries, {_human(row['bytes'])}\n")
+        for window, w in row["windows"].items():
+            rate = "-" if w["hit_rate"] is None else f"{100 * w['hit_rate']:.1f}%"
+            out.write(f"    last {window:>3}: written {w['written']} ({_human(w['written_bytes'])}), "
+                      f"reused {w['reused']} ({_human(w['reused_bytes'])}), hit rate {rate}\n")
     for title, key in (("age (since written)", "age"), ("last use", "last_use")):
         out.write(f"{title}:\n")
         for bucket, count in result[key].items():
@@ -194,13 +218,15 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     now = time.time()
     fragments = [f for f in files if f.kind in (FULL, TAIL)]
     problems: list[dict[str, Any]] = []
-    progress = _Progress("verify", len(fragments))
-    for done, fragment in enumerate(fragments, 1):
+    bar = _progress(args, "verify", len(fragments), "fragment")
+    for fragment in fragments:
         problem = check_fragment(fragment)
         if problem:
             problems.append({"path": fragment.location, "kind": "corrupt", "problem": problem, "removable": True})
-        progress.update(done)
-    progress.close()
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
     for f in files:
         if f.kind == TEMP and now - f.mtime > args.temp_grace:
             problems.append({"path": f.location, "kind": "stale temp", "problem": f"unpublished for {now - f.mtime:.0f} s", "removable": True})
@@ -241,6 +267,23 @@ def _is_link(path: Any) -> bool:
 def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
     if args.max_size is None and args.max_age is None:
         raise argparse.ArgumentTypeError("gc needs --max-size and/or --max-age")
+    # One bar per phase as it runs: scan, evict, and again when a pass must scan for more victims.
+    current: dict[str, Any] = {"phase": None, "bar": None}
+
+    def close() -> None:
+        if current["bar"] is not None:
+            current["bar"].close()
+        current["phase"] = current["bar"] = None
+
+    def progress(phase: str, done: int, total: int | None) -> None:
+        if phase != current["phase"]:
+            close()
+            current["phase"] = phase
+            current["bar"] = _progress(args, {"scan": "gc scan", "evict": "gc evict"}[phase], total, "file")
+        bar = current["bar"]
+        if bar is not None:
+            bar.update(done - bar.n)
+
     report = collect(
         args.root,
         max_bytes=args.max_size,
@@ -249,7 +292,9 @@ def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
         temp_grace_s=args.temp_grace,
         resolution_s=args.resolution,
         dry_run=args.dry_run,
+        progress=progress,
     )
+    close()
     if args.json:
         json.dump(asdict(report), out, indent=1)
         out.write("\n")

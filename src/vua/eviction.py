@@ -36,11 +36,19 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Callable
 
-from .inventory import FULL, GC_LEASE_NAME, TAIL, TEMP, StoredFile, fragment_start, walk
+from .inventory import FULL, GC_LEASE_NAME, NAMESPACE_FILE, STRAY, TAIL, TEMP, StoredFile, fragment_start, namespaces, walk
 from .layout import STORE_DIR, check_root
 
-__all__ = ["GCReport", "collect", "DEFAULT_MAX_CANDIDATES", "RecencyTouch", "BackgroundGC", "DEFAULT_TEMP_GRACE_S", "DEFAULT_RESOLUTION_S"]
+__all__ = [
+    "GCReport", "collect", "DEFAULT_MAX_CANDIDATES", "RecencyTouch", "BackgroundGC", "DEFAULT_TEMP_GRACE_S",
+    "DEFAULT_RESOLUTION_S", "Progress",
+]
+
+# ``progress(phase, done, total)``: phase "scan" (total None: unknown until the walk ends) or "evict".
+# A pass that scans again starts a new "scan" phase, its count from 1.
+Progress = Callable[[str, int, "int | None"], None]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +58,12 @@ DEFAULT_RESOLUTION_S = 600.0
 
 @dataclass
 class GCReport:
-    """What one pass found and did (sizes are file sizes in bytes)."""
+    """What one pass found and did (sizes are file sizes in bytes).
+
+    ``bytes_before`` and ``bytes_after`` count every file gc finds under the root, kept ones too
+    (namespace descriptors, strays, the switch files), as ``du -b`` summed over files would; the
+    gc lease is not counted, it goes when the pass ends.
+    """
 
     fragments: int = 0
     bytes_before: int = 0
@@ -69,6 +82,8 @@ class GCReport:
 # Eviction candidates one gc pass holds (about 400 bytes each): memory stays bounded whatever the
 # store holds; a pass that needs more evicts these, then scans again.
 DEFAULT_MAX_CANDIDATES = 65536
+# Expired fragments are handed to ``on_removed`` in batches of this many (memory stays bounded).
+_REMOVED_BATCH = 1024
 
 
 def collect(
@@ -82,11 +97,16 @@ def collect(
     dry_run: bool = False,
     now: float | None = None,
     max_candidates: int = DEFAULT_MAX_CANDIDATES,
+    progress: Progress | None = None,
+    on_removed: Callable[[list[StoredFile]], None] | None = None,
 ) -> GCReport:
     """One gc pass over every namespace under ``root`` (see the module doc for the policy).
 
     ``target_bytes`` (default ``max_bytes``) is where eviction stops once the budget is exceeded;
-    a lower value leaves headroom so that the next pass has less to do.
+    a lower value leaves headroom so that the next pass has less to do. Every file gc keeps counts
+    against the budget, namespace descriptors, strays and switch files too (:func:`_kept_bytes`).
+    ``progress`` is told how far the scan and the eviction are; ``on_removed`` gets the fragments
+    evicted (expired ones too), in batches as they go, never in a dry run.
 
     The scan streams: stale temporary files and expired fragments are removed as they are found,
     and only the ``max_candidates`` least recently used fragments are kept (a bounded heap), so
@@ -102,18 +122,30 @@ def collect(
     now = time.time() if now is None else now
     report = GCReport(dry_run=dry_run)
     store = str(check_root(root) / STORE_DIR)
+    expired: list[StoredFile] = []  # removed, not yet told to on_removed
+
+    def tell(removed: list[StoredFile]) -> None:
+        if on_removed is not None and removed and not dry_run:
+            on_removed(removed)
+
     first_scan = True
     while True:
         started = time.perf_counter()
-        usage = 0
+        kept = _kept_bytes(root)
+        usage = kept
+        if first_scan:
+            report.bytes_before += kept
         heap: list[tuple[int, int, int, StoredFile]] = []  # the most evictable, as a max-heap of keys
         overflowed = False
         for seq, stored in enumerate(walk(root)):
-            if stored.kind not in (FULL, TAIL, TEMP):
-                continue
+            if progress is not None:
+                progress("scan", seq + 1, None)
             if first_scan:
                 report.bytes_before += stored.size
-                report.fragments += stored.kind != TEMP
+                report.fragments += stored.kind in (FULL, TAIL)
+            if stored.kind == STRAY:
+                usage += stored.size  # never removed, but it takes room all the same
+                continue
             if stored.kind == TEMP:
                 if now - stored.mtime > temp_grace_s and _remove(stored, dry_run, store, report):
                     report.temp_removed += 1
@@ -123,6 +155,10 @@ def collect(
                     report.expired += 1  # expired fragments count as evicted too
                     report.evicted += 1
                     report.evicted_bytes += stored.size
+                    expired.append(stored)
+                    if len(expired) >= _REMOVED_BATCH:
+                        tell(expired)
+                        expired = []
                     continue
             usage += stored.size
             if max_bytes is None or stored.kind == TEMP:
@@ -136,6 +172,8 @@ def collect(
                 if key[:3] > heap[0][:3]:
                     heapq.heapreplace(heap, key)
         report.scan_s += time.perf_counter() - started
+        tell(expired)
+        expired = []
         started = time.perf_counter()
         first_scan = False
         excess = 0
@@ -143,11 +181,17 @@ def collect(
             target = max_bytes if target_bytes is None else min(target_bytes, max_bytes)
             excess = usage - target
             candidates = [entry[3] for entry in sorted(heap, reverse=True)]
-            for victim in _least_recently_used(candidates, excess, resolution_s):
+            victims = _least_recently_used(candidates, excess, resolution_s)
+            evicted: list[StoredFile] = []
+            for done, victim in enumerate(victims, 1):
+                if progress is not None:
+                    progress("evict", done, len(victims))
                 if _remove(victim, dry_run, store, report):
                     report.evicted += 1
                     report.evicted_bytes += victim.size
                     excess -= victim.size
+                    evicted.append(victim)
+            tell(evicted)  # at most max_candidates
         report.evict_s += time.perf_counter() - started
         if excess <= 0 or not overflowed or dry_run:
             break
@@ -186,6 +230,28 @@ def _depth_first(fragment: StoredFile) -> tuple[int, int]:
         return (0, 0)
     start = fragment_start(fragment.location)
     return (1, 0) if start is None else (2, -start)
+
+
+def _kept_bytes(root: str | os.PathLike[str]) -> int:
+    """Bytes gc never removes that the walk does not list but that still count against the budget:
+    namespace descriptors and the files at the top of the root and of the store directory (the
+    disable-* switches). Strays are listed by the walk. The gc lease is not counted: it goes when
+    the pass ends."""
+    top = check_root(root)
+    paths = [str(space.path / NAMESPACE_FILE) for space in namespaces(top)]
+    for directory in (top, top / STORE_DIR):
+        try:
+            with os.scandir(directory) as entries:
+                paths += [e.path for e in entries if e.is_file(follow_symlinks=False) and e.name != GC_LEASE_NAME]
+        except FileNotFoundError:
+            pass  # nothing stored yet
+    total = 0
+    for path in paths:
+        try:
+            total += os.stat(path, follow_symlinks=False).st_size
+        except FileNotFoundError:
+            pass  # a namespace without a descriptor, or a file removed meanwhile
+    return total
 
 
 def _remove(stored: StoredFile, dry_run: bool, store: str, report: GCReport) -> bool:
@@ -280,6 +346,8 @@ class BackgroundGC:
         self.temp_grace_s = temp_grace_s
         self.lease_s = lease_s if lease_s is not None else max(600.0, 10 * interval_s)
         self.last_report: GCReport | None = None
+        # Told which fragments each pass evicted (the connector retracts their KV events).
+        self.on_evicted: Callable[[list[StoredFile]], None] | None = None
         self._lease = self.root / STORE_DIR / GC_LEASE_NAME
         self._token = f"{socket.gethostname()} {os.getpid()} {secrets.token_hex(8)}".encode()
         self._stop = threading.Event()
@@ -309,6 +377,7 @@ class BackgroundGC:
                 max_age_s=self.max_age_s,
                 target_bytes=int(self.max_bytes * self.low_water),
                 temp_grace_s=self.temp_grace_s,
+                on_removed=self.on_evicted,
             )
         finally:
             self._release_lease()

@@ -199,7 +199,9 @@ def _flush_saves(llm) -> None:
 
 def _totals(llm) -> dict:
     per_rank = [t for t in llm.collective_rpc(_rpc_totals) if t is not None]
-    totals = {key: sum(t[key] for t in per_rank) for key in per_rank[0]} if per_rank else {}
+    # Counters add up over ranks; observations (lists, such as lookup_seconds) are joined.
+    totals = {key: sum((t[key] for t in per_rank), [] if isinstance(per_rank[0][key], list) else 0)
+              for key in per_rank[0]} if per_rank else {}
     if per_rank:
         totals["ranks"] = len(per_rank)
     return totals

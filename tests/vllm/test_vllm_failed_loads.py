@@ -178,7 +178,7 @@ def test_a_bug_in_the_worker_is_logged_with_its_traceback_and_counted_apart(
         result = engine.run("p", P)
     assert engine.errors >= set(result["block_ids"][:5])  # recomputed, never served
     totals = engine.worker.totals.data
-    assert totals["internal_errors"] >= 1 and totals["load_errors"] == 0
+    assert totals["load_internal_errors"] >= 1 and totals["load_errors"] == 0
     records = [r for r in caplog.records if "internal error" in r.getMessage()]
     assert records and records[0].exc_info is not None and "a bug" in str(records[0].exc_info[1])
 

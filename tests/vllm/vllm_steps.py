@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -80,9 +81,12 @@ class Engine:
             assert time.monotonic() < deadline, "a deferred lookup never finished"
             time.sleep(0.001)
 
-    def run(self, request_id: str, tokens: list[int], step_tokens: int = 64, salt: str | None = None) -> dict:
-        """Prefill ``tokens`` in steps of ``step_tokens``; returns what the connector claimed and loaded."""
-        request = Request(request_id, list(tokens), SamplingParams(max_tokens=1), None, cache_salt=salt)
+    def run(self, request_id: str, tokens: list[int], step_tokens: int = 64, salt: str | None = None,
+            block_hasher: Callable[[Request], list] | None = None) -> dict:
+        """Prefill ``tokens`` in steps of ``step_tokens``; returns what the connector claimed and loaded
+        (and the request, whose ``block_hashes`` are vLLM's when a ``block_hasher`` is given)."""
+        request = Request(request_id, list(tokens), SamplingParams(max_tokens=1), None, cache_salt=salt,
+                          block_hasher=block_hasher)
         hit = self.lookup(request)
         n_blocks = -(-len(tokens) // BLOCK)
         block_ids = [self._free.pop(0) for _ in range(n_blocks)]
@@ -120,12 +124,15 @@ class Engine:
         self.worker.flush()
         self.scheduler.request_finished(request, block_ids)
         self._free.extend(block_ids)
-        return {"hit": hit, "block_ids": block_ids, **jobs}
+        return {"hit": hit, "block_ids": block_ids, "request": request, **jobs}
 
-    def chat(self, request_id: str, prompt: list[int], answer: list[int], step_tokens: int = 64) -> dict:
+    def chat(self, request_id: str, prompt: list[int], answer: list[int], step_tokens: int = 64,
+             block_hasher: Callable[[Request], list] | None = None) -> dict:
         """Prefill ``prompt``, then generate ``answer`` one token a step (the tokens are given, not
-        sampled), finish, and run the step after it; returns the saves planned and the step after."""
-        request = Request(request_id, list(prompt), SamplingParams(max_tokens=len(answer)), None)
+        sampled), finish, and run the step after it; returns the saves planned and the step after
+        (and the request, whose ``block_hashes`` are vLLM's when a ``block_hasher`` is given)."""
+        request = Request(request_id, list(prompt), SamplingParams(max_tokens=len(answer)), None,
+                          block_hasher=block_hasher)
         hit = self.lookup(request)
         tokens = list(prompt) + list(answer)
         block_ids = [self._free.pop(0) for _ in range(-(-len(tokens) // BLOCK))]
@@ -160,7 +167,8 @@ class Engine:
         finished = self.worker.take_finished()
         self.worker.flush()
         self._free.extend(block_ids)
-        return {"hit": hit, "saves": saves, "held": held, "after": after, "finished": finished, "block_ids": block_ids}
+        return {"hit": hit, "saves": saves, "held": held, "after": after, "finished": finished, "block_ids": block_ids,
+                "request": request}
 
     def first_step(self, request_id: str, tokens: list[int], block_ids: list[int], scheduled: int = 2):
         """Look up, allocate and schedule a new request for one step; the connector metadata of that step."""

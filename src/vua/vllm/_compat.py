@@ -41,6 +41,11 @@ __all__ = [
     "allow_cpu_attention_tiles",
     "prepare_cli",
     "route_logs_like_vllm",
+    "kv_events_enabled",
+    "block_stored_event",
+    "block_removed_event",
+    "EVENT_MEDIUM",
+    "EVENT_OWNERSHIP",
 ]
 
 
@@ -239,6 +244,55 @@ def any_rank_failed(failed: list[bool]) -> list[bool]:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group.cpu_group)
     return failed if flags is None else [bool(f) for f in flags.tolist()]
 
+
+# ---- KV events (vllm.distributed.kv_events) ----
+
+# vLLM's medium for a filesystem tier (MEDIUM_STORAGE, also used by its own fs offloading tier),
+# with VUA named in ``ownership``, the field vLLM keeps for "which secondary tier".
+EVENT_MEDIUM = "STORAGE"
+EVENT_OWNERSHIP = "vua"
+
+
+def kv_events_enabled(vllm_config: "VllmConfig") -> bool:
+    config = getattr(vllm_config, "kv_events_config", None)
+    return bool(config is not None and config.enable_kv_cache_events)
+
+
+def block_stored_event(request: Any, first_block: int, n_blocks: int, block_size: int) -> Any | None:
+    """``BlockStored`` for blocks ``[first_block, first_block + n_blocks)`` of ``request``, named by
+    vLLM's own block hashes (what KV-aware routers match), or None when the request has none.
+
+    The hashes, parent and extra keys (the cache salt) are built as vLLM's block pool builds them
+    for its GPU blocks, so a router indexes the stored blocks under the same keys.
+    """
+    from vllm.distributed.kv_events import BlockStored
+    from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys, maybe_convert_block_hash, to_event_extra_keys
+
+    hashes = list(getattr(request, "block_hashes", ())[first_block : first_block + n_blocks])
+    if len(hashes) < n_blocks:
+        return None
+    parent = request.block_hashes[first_block - 1] if first_block else None
+    begin, end = first_block * block_size, (first_block + n_blocks) * block_size
+    extra = [generate_block_hash_extra_keys(request, b, b + block_size, 0)[0] for b in range(begin, end, block_size)]
+    return BlockStored(
+        block_hashes=[maybe_convert_block_hash(h) for h in hashes],
+        parent_block_hash=maybe_convert_block_hash(parent) if parent is not None else None,
+        token_ids=list(request.all_token_ids[begin:end]),
+        block_size=block_size,
+        lora_id=None,  # requests with LoRA adapters are never stored
+        medium=EVENT_MEDIUM,
+        lora_name=None,
+        extra_keys=to_event_extra_keys(extra),
+        group_idx=0,
+        ownership=EVENT_OWNERSHIP,
+    )
+
+
+def block_removed_event(stored: Any) -> Any:
+    """``BlockRemoved`` retracting the blocks of a ``BlockStored`` built by :func:`block_stored_event`."""
+    from vllm.distributed.kv_events import BlockRemoved
+
+    return BlockRemoved(block_hashes=list(stored.block_hashes), medium=EVENT_MEDIUM, group_idx=0, ownership=EVENT_OWNERSHIP)
 
 
 # ---- the command line (bin/vua-vllm) ----

@@ -16,7 +16,7 @@ This class is a switchboard: vLLM builds it once with the scheduler role (the ha
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..eviction import RecencyTouch
 from ..store import FragmentStore
@@ -25,10 +25,12 @@ from ._compat import (
     KVConnectorRole,
     init_base,
     kv_block_size,
+    kv_events_enabled,
     recompute_failed_loads,
     parallel_ranks,
     route_logs_like_vllm,
 )
+from .events import StoreEvents
 from .identity import store_identity
 from .metadata import VUAConnectorMetadata
 from .scheduler import SchedulerSide
@@ -38,6 +40,8 @@ from .worker import WorkerSide
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent, KVConnectorKVEvents
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
 
 __all__ = ["VUAStorageConnector_V1"]
 
@@ -62,11 +66,19 @@ class VUAStorageConnector_V1(KVConnectorBase_V1):
                 logger.info("VUA: kv_load_failure_policy %r -> 'recompute': a fragment that fails to load is "
                             "recomputed, never a failed request", replaced)
             logger.info("VUA: store %s, namespace %s, chunks of %d tokens", settings.root, namespace.name, settings.chunk_size)
+            if kv_events_enabled(vllm_config):
+                events = StoreEvents(namespace.name, identity.shards(), identity.block_size)
+                self._scheduler.events = events
+                if self._scheduler.gc is not None:
+                    self._scheduler.gc.on_evicted = events.evicted
+                events.start()
         else:
             store = FragmentStore(
                 settings.root, namespace, backend=settings.backend, durable=settings.durable, on_hit=RecencyTouch()
             )
             self._worker = WorkerSide(settings, identity, store, *parallel_ranks())
+            if kv_events_enabled(vllm_config):
+                self._worker.published = []
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -90,6 +102,11 @@ class VUAStorageConnector_V1(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output: Any) -> None:
         self._scheduler.update_connector_output(connector_output.invalid_block_ids or set())
+        if self._scheduler.events is not None and connector_output.kv_cache_events:
+            self._scheduler.events.published(connector_output.kv_cache_events.get_all_events())
+
+    def take_events(self) -> Iterable["KVCacheEvent"]:
+        return self._scheduler.events.take() if self._scheduler.events is not None else ()
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         return self._scheduler.request_finished(request, block_ids)
@@ -119,6 +136,14 @@ class VUAStorageConnector_V1(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors()
 
+    def get_kv_connector_kv_cache_events(self) -> "KVConnectorKVEvents | None":
+        published = self._worker.take_published()
+        if not published:
+            return None
+        from ._published import PublishedFragments
+
+        return PublishedFragments(published)
+
     def _bound(self) -> VUAConnectorMetadata:
         return self._connector_metadata or VUAConnectorMetadata()
 
@@ -133,6 +158,18 @@ class VUAStorageConnector_V1(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> VUAConnectorStats | None:
         return VUAConnectorStats(data=dict(data)) if data is not None else None
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: "VllmConfig",
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> "KVConnectorPromMetrics":
+        from .prometheus import VUAPromMetrics  # subclasses a vLLM class: only where vLLM runs
+
+        return VUAPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         self._side().shutdown()

@@ -20,6 +20,7 @@ from ..keys import as_token_array, chained_digests, salted_seed
 from ..layout import MAX_TAILS_PER_HEAD
 from ..store import FragmentStore
 from ._compat import allocated_block_ids, known_token_ids, prompt_if_cacheable, scheduled_requests
+from .events import StoreEvents
 from .identity import StoreIdentity
 from .metadata import SCRATCH, FragmentRef, LoadJob, SaveJob, VUAConnectorMetadata
 from .settings import ConnectorSettings, RuntimeSwitches
@@ -140,7 +141,8 @@ class _Request:
     claimed_from: int = 0  # the local hit that lookup was asked about
     lookup: Future | None = None  # a lookup still running, or done and not yet answered
     lookup_tokens: int = 0  # the token count it was started for
-    hit_tokens: int = 0
+    hit_tokens: int = 0  # loaded at first admission, less what a failed load made vLLM recompute
+    admitted: bool = False  # allocated once: a resumed request's second claim is not a new hit
     saves: int = 0
 
     def rewind(self, chunk: int) -> None:
@@ -175,6 +177,8 @@ class SchedulerSide:
         # Lookups run here, so that one slower than lookup_budget_ms can be left running while
         # vLLM's scheduler gets on with the step; two threads: a stalled mount should not queue others.
         self._lookups = ThreadPoolExecutor(2, thread_name_prefix="vua-lookup")
+        # Set by the connector when vLLM publishes KV events (vua.vllm.events).
+        self.events: StoreEvents | None = None
         # One per engine (not per worker): keeps the shared root under max_store_size.
         self.gc = BackgroundGC(settings.root, settings.max_store_size) if settings.max_store_size else None
         if self.gc is not None:
@@ -236,7 +240,9 @@ class SchedulerSide:
         tracked = self._requests.get(request.request_id)
         if tracked is None:
             return
-        self._stats.add(requests=1, prompt_tokens=tracked.prompt_len, hit_tokens=num_external_tokens)
+        if not tracked.admitted:
+            # Counted when the request finishes, so that a failed load can still take its tokens back.
+            tracked.admitted, tracked.hit_tokens = True, max(0, num_external_tokens)
         if num_external_tokens <= 0:
             return
         block_ids = allocated_block_ids(blocks)
@@ -250,7 +256,6 @@ class SchedulerSide:
                 job.fragments.append(fragment)
                 job.block_ids.append(ids)
         self._loads.append(job)
-        tracked.hit_tokens = num_external_tokens
         logger.debug(
             "VUA: request %s: %d tokens, %d computed locally, loading %d from %d fragment(s)",
             request.request_id, len(tracked.keys.tokens), begin, num_external_tokens, len(job.fragments),
@@ -333,10 +338,15 @@ class SchedulerSide:
         return [tracked.save_job(request_id, fragment, block)]
 
     def _count_saves(self, tracked: _Request, saves: list[SaveJob]) -> None:
+        """Count planned saves, and remember their KV events while the request still holds its
+        block hashes (announced once every shard is written, see :mod:`vua.vllm.events`)."""
         tracked.saves += len(saves)
         decode = sum(1 for job in saves if job.fragment.start + len(job.fragment.tokens) > tracked.prompt_len)
         if decode:
             self._stats.add(decode_saves=decode)
+        if self.events is not None:
+            for job in saves:
+                self.events.planned(tracked.request, job.fragment, self.store.layout)
 
     def update_connector_output(self, invalid_block_ids: set[int]) -> None:
         """After a step: blocks that failed to load (on any worker) are recomputed by vLLM, so every
@@ -347,6 +357,8 @@ class SchedulerSide:
         for request_id, tracked in self._requests.items():
             first = next((i for i, b in enumerate(tracked.block_ids) if b in invalid_block_ids), None)
             if first is not None:
+                # vLLM recomputes from the failed block on: those claimed tokens were not a hit.
+                tracked.hit_tokens = max(0, min(tracked.hit_tokens, first * self.block_size - tracked.claimed_from))
                 tracked.rewind(first // self.cb)
                 logger.info("VUA: request %s: KV from block %d on failed to load; it is recomputed and saved again",
                             request_id, first)
@@ -366,6 +378,9 @@ class SchedulerSide:
         tracked = self._requests.pop(request.request_id, None)
         if tracked is None:
             return False, None
+        if tracked.admitted:
+            # Once, at the end: a resumed request is one request, and a failed load has taken back its tokens.
+            self._stats.add(requests=1, prompt_tokens=tracked.prompt_len, hit_tokens=tracked.hit_tokens)
         saves: list[SaveJob] = []
         if self.settings.save_decode and self.switches.put_enabled:
             # ``block_ids`` are the blocks of the computed tokens now (fewer after a preemption).
@@ -401,3 +416,5 @@ class SchedulerSide:
         self._lookups.shutdown(wait=False, cancel_futures=True)
         if self.gc is not None:
             self.gc.stop()
+        if self.events is not None:
+            self.events.stop()

@@ -94,6 +94,9 @@ class WorkerSide:
         self._stats = VUAConnectorStats()
         self.totals = VUAConnectorStats()  # since start-up, for tests and benchmarks
         self._warned: dict[str, float] = {}
+        # (digest, shard) of each fragment this worker published since the last report; None while
+        # vLLM's KV events are off, so that nothing accumulates unread (see vua.vllm.events).
+        self.published: list[tuple[bytes, str]] | None = None
 
     # ---- set-up ----
 
@@ -218,7 +221,7 @@ class WorkerSide:
             loaded = self._read_via_pinned(opened, layer) if via_pinned else self._read_in_place(opened, layer)
         except Exception:  # noqa: BLE001 - a bug here must cost a recompute, not the engine
             logger.exception("VUA: internal error loading %s (layer %s); the blocks are recomputed", opened.fragment.path, layer)
-            self._count(internal_errors=1)
+            self._count(load_internal_errors=1)
             opened.internal_error = True
             loaded = False
         if not loaded:
@@ -273,7 +276,7 @@ class WorkerSide:
                 step.finished = max(step.finished, time.monotonic())
         except Exception:  # noqa: BLE001 - a bug here must cost a recompute, not the engine
             logger.exception("VUA: internal error loading %s", opened.ref.digest.hex())
-            self._count(internal_errors=1)
+            self._count(load_internal_errors=1)
             opened.internal_error = opened.failed = True
         finally:
             for future in layers.values():
@@ -453,11 +456,14 @@ class WorkerSide:
                                        start=ref.start, device_checksums=device_sums)
             if written:
                 self._count(saved_fragments=1, saved_bytes=nbytes, save_seconds=time.monotonic() - started)
+                if self.published is not None:
+                    with self._lock:
+                        self.published.append((ref.digest, self.shard))
         except VUAError as exc:  # a full, read-only or vanished store must not stop serving
             self._count(save_errors=1)
             self._warn("write", "VUA: could not save a chunk of request %s: %s", job.request_id, exc)
         except Exception:  # noqa: BLE001 - nor may a bug here
-            self._count(internal_errors=1)
+            self._count(save_internal_errors=1)
             logger.exception("VUA: internal error saving a chunk of request %s", job.request_id)
         finally:
             with self._lock:
@@ -496,6 +502,14 @@ class WorkerSide:
                 return None
             stats, self._stats = self._stats, VUAConnectorStats()
             return stats
+
+    def take_published(self) -> list[tuple[bytes, str]]:
+        """The fragments published since the last call, for the scheduler's KV events."""
+        with self._lock:
+            if not self.published:
+                return []
+            published, self.published = self.published, []
+            return published
 
     def shutdown(self) -> None:
         self._finish_loads(agree=False)  # the other ranks may already be gone
