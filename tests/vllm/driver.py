@@ -9,7 +9,11 @@ from stdin:
      "dtype": "float32", "policy": "recompute", "tp": 1, "prefix_caching": false,
      "async_scheduling": null, "force_async_scheduling": false, "speculative_config": null,
      "enable_lora": false, "enable_prompt_embeds": false,
-     "between": {"<prompt index>": [["corrupt", root, start]]}}
+     "between": {"<prompt index>": [["corrupt", root, start], ["signal", pid, "STOP"], ["sleep", 2.5]]}}
+
+``between`` runs actions after a prompt: damage a stored chunk (see ``_act``), freeze (``STOP``)
+or thaw (``CONT``) a process such as a storage server (while frozen, the driver does not wait
+for saves, which wait on that storage), or sleep.
 
 A prompt is a list of token ids, a list of prompts (sent as one batch, one ``generate`` call) or
 a dict ``{"ids": [...], "salt": str, "lora": adapter dir, "embeds": true}``: ``salt`` is the
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -80,6 +85,7 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 4), logprobs=1,
                             ignore_eos=job.get("ignore_eos", False))
     actions = {int(k): v for k, v in job.get("between", {}).items()}
+    frozen = False
     embedding = _embedding_table(job["model"], dtype) if job.get("enable_prompt_embeds") else None
     results = []
     for index, prompt in enumerate(job["prompts"]):
@@ -99,9 +105,16 @@ def main() -> None:
                     "seconds": elapsed,
                 }
             )
-        _flush_saves(llm)
+        if not frozen:  # saves wait in the background while storage is frozen: nothing to wait for
+            _flush_saves(llm)
         for action in actions.get(index, []):
-            _act(action)
+            if action[0] == "signal":  # ["signal", pid, "STOP" | "CONT"]: freeze or thaw a process (a server)
+                os.kill(int(action[1]), getattr(signal, f"SIG{action[2]}"))
+                frozen = action[2] == "STOP"
+            elif action[0] == "sleep":
+                time.sleep(float(action[1]))
+            else:
+                _act(action)
     config = llm.llm_engine.vllm_config
     used = {
         "dtype": str(config.model_config.dtype).removeprefix("torch."),

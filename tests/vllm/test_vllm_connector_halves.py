@@ -149,9 +149,12 @@ def test_corrupt_fragment_is_reported_removed_and_stored_again_by_the_recompute(
     broken = [i for i, f in enumerate(loads.fragments) if f.path(engine.worker.store.layout, "tp0") == second]
     assert len(broken) == 1
     assert engine.errors == set(loads.block_ids[broken[0]])
-    # The scheduler rewound what it thought stored: the recomputed chunk (and only it) is saved again.
+    # The scheduler rewound what it thought stored: the recomputed chunk is saved again. (Planning
+    # does no I/O, so later pieces the lookup did not vouch for are planned too; their writers find
+    # them stored and skip them.)
     saved = [s.fragment.start for s in result["saves"]]
-    assert saved == [broken[0] * CHUNK]
+    assert saved[0] == broken[0] * CHUNK
+    assert engine.worker.totals.data["saved_fragments"] == 1
     reader = Engine(stored)
     again = reader.run("p4", P)
     assert again["hit"] == 56 and reader.errors == set()

@@ -29,6 +29,10 @@ _COUNTERS = (
     ("lookups", "vllm:vua_lookups", "Lookups of a prompt's longest stored prefix in the VUA store."),
     ("lookups_deferred", "vllm:vua_lookups_deferred", "Lookups still running after lookup_budget_ms: vLLM was told to "
      "ask again at its next step while the lookup went on in the background."),
+    ("lookup_timeouts", "vllm:vua_lookup_timeouts", "Lookups storage did not answer within storage_timeout_s: "
+     "misses, after which lookups skip the store for a while."),
+    ("load_timeouts", "vllm:vua_load_timeouts", "Steps whose loads storage did not finish within storage_timeout_s "
+     "(their blocks are recomputed)."),
     ("loaded_fragments", "vllm:vua_loaded_fragments", "Fragments loaded from the VUA store."),
     ("loaded_bytes", "vllm:vua_loaded_bytes", "KV bytes loaded from the VUA store."),
     ("load_seconds", "vllm:vua_load_seconds", "Time spent loading, from the start of a step's loads to their last byte."),

@@ -17,7 +17,6 @@ import numpy as np
 
 from ..eviction import BackgroundGC
 from ..keys import as_token_array, chained_digests, salted_seed
-from ..layout import MAX_TAILS_PER_HEAD
 from ..store import FragmentStore
 from ._compat import allocated_block_ids, known_token_ids, prompt_if_cacheable, scheduled_requests
 from .events import StoreEvents
@@ -141,6 +140,7 @@ class _Request:
     claimed_from: int = 0  # the local hit that lookup was asked about
     lookup: Future | None = None  # a lookup still running, or done and not yet answered
     lookup_tokens: int = 0  # the token count it was started for
+    lookup_started: float = 0.0  # when (time.monotonic) it was started
     hit_tokens: int = 0  # loaded at first admission, less what a failed load made vLLM recompute
     admitted: bool = False  # allocated once: a resumed request's second claim is not a new hit
     saves: int = 0
@@ -177,6 +177,7 @@ class SchedulerSide:
         # Lookups run here, so that one slower than lookup_budget_ms can be left running while
         # vLLM's scheduler gets on with the step; two threads: a stalled mount should not queue others.
         self._lookups = ThreadPoolExecutor(2, thread_name_prefix="vua-lookup")
+        self._stalled_until = 0.0  # lookups skip the store until then: it stopped answering
         # Set by the connector when vLLM publishes KV events (vua.vllm.events).
         self.events: StoreEvents | None = None
         # One per engine (not per worker): keeps the shared root under max_store_size.
@@ -207,20 +208,30 @@ class SchedulerSide:
         ``claim_whole_blocks`` the claim ends on a KV-block boundary instead (bit-identical outputs).
         """
         tracked = self._tracked(request)
-        if tracked is None or not self.switches.get_enabled:
+        now = time.monotonic()
+        if tracked is None or not self.switches.get_enabled or now < self._stalled_until:
             return 0, False
         # A request resumed after preemption has generated tokens too; they may be stored.
         tracked.keys.extend(known_token_ids(request))
         n_tokens = len(tracked.keys.tokens)
         if tracked.lookup is None or tracked.lookup_tokens != n_tokens:
             tracked.lookup = self._lookups.submit(self._timed_lookup, tracked.keys.snapshot())
-            tracked.lookup_tokens = n_tokens
+            tracked.lookup_tokens, tracked.lookup_started = n_tokens, now
         try:
             found, seconds = tracked.lookup.result(timeout=self.settings.lookup_budget_ms / 1000)
         except FutureTimeout:
-            # vLLM keeps the request waiting and asks again at its next step; the lookup goes on.
-            self._stats.add(lookups_deferred=1)
-            return None, False
+            if time.monotonic() - tracked.lookup_started < self.settings.storage_timeout_s:
+                # vLLM keeps the request waiting and asks again at its next step; the lookup goes on.
+                self._stats.add(lookups_deferred=1)
+                return None, False
+            # Storage has stopped answering: a miss, and the store is left alone for a while, so
+            # that requests are computed rather than kept waiting on a hung mount.
+            tracked.lookup = None
+            self._stalled_until = time.monotonic() + self.settings.storage_timeout_s
+            self._stats.add(lookup_timeouts=1)
+            logger.warning("VUA: a lookup got no answer from storage in %.1f s; treating the store as "
+                           "unavailable for %.1f s", self.settings.storage_timeout_s, self.settings.storage_timeout_s)
+            return 0, False
         tracked.lookup = None
         self._stats.add_lookup(seconds)
         tracked.claim, tracked.claimed_from = found, num_computed_tokens
@@ -303,7 +314,10 @@ class SchedulerSide:
             chunk = tracked.next_chunk
             tracked.next_chunk += 1
             digest = keys.digests[(chunk + 1) * cb - 1]
-            if chunk < tracked.stored_chunks or self.store.has_shards(digest, self.shards):
+            # Known stored (the lookup found it): skip. Otherwise the writer, off the scheduler's
+            # path, skips it if another engine stored it meanwhile: planning does no I/O, so a
+            # slow or hung mount cannot stall a step here.
+            if chunk < tracked.stored_chunks:
                 continue
             start = chunk * chunk_tokens
             fragment = FragmentRef(digest, None, start, cb, keys.tokens[start : start + chunk_tokens])
@@ -316,8 +330,9 @@ class SchedulerSide:
         return saves
 
     def _tail_saves(self, request_id: str, tracked: _Request, chunk: int, end_block: int) -> list[SaveJob]:
-        """The full blocks from ``chunk``'s start to ``end_block`` as one tail, unless already stored,
-        or unless its head directory is full (:data:`~vua.layout.MAX_TAILS_PER_HEAD`)."""
+        """The full blocks from ``chunk``'s start to ``end_block`` as one tail, unless known stored.
+        (The writer skips it if it is stored meanwhile, or if its head directory is full:
+        :data:`~vua.layout.MAX_TAILS_PER_HEAD`.)"""
         keys, block = tracked.keys, self.block_size
         first = chunk * self.cb
         if end_block <= first:
@@ -326,12 +341,6 @@ class SchedulerSide:
         if digest in tracked.stored_tails:
             return []
         head = keys.head(chunk, self.cb)
-        listed = self.store.tails(head)
-        if set(self.shards) <= listed.get(digest.hex(), set()):
-            return []
-        if len(listed) >= MAX_TAILS_PER_HEAD:
-            self._stats.add(tails_skipped=1)
-            return []
         tracked.stored_tails.add(digest)
         start = first * block
         fragment = FragmentRef(digest, head, start, end_block - first, keys.tokens[start : end_block * block])
@@ -413,6 +422,7 @@ class SchedulerSide:
 
     def shutdown(self) -> None:
         self._requests.clear()
+        self.switches.stop()
         self._lookups.shutdown(wait=False, cancel_futures=True)
         if self.gc is not None:
             self.gc.stop()

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import VUAError
 from ..integrity import device_checksum, has_device_checksums
+from ..layout import MAX_TAILS_PER_HEAD
 from ..mounts import may_hang
 from ..serdes import dtype_name, host_bytes
 from ..store import Fragment, FragmentStore, TensorSource
@@ -452,6 +453,13 @@ class WorkerSide:
             started = time.monotonic()
             tensors = [TensorSource(layer, dtype_name(t.dtype), tuple(t.shape), [host_bytes(t)]) for layer, t in staged]
             ref = job.fragment
+            if ref.head is not None:
+                # One listing, here in the background rather than in the scheduler's step: a tail's
+                # head directory is listed by every lookup that reaches it, so it stays bounded.
+                listed = self.store.tails(ref.head)
+                if ref.digest.hex() not in listed and len(listed) >= MAX_TAILS_PER_HEAD:
+                    self._count(tails_skipped=1)
+                    return
             written = self.store.write(ref.path(self.store.layout, self.shard), ref.digest, ref.tokens, tensors,
                                        start=ref.start, device_checksums=device_sums)
             if written:
