@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -91,3 +92,20 @@ def finish_worker(process: subprocess.Popen, timeout: float) -> dict:
         raise AssertionError(f"worker {process.args[2]} did not finish in {timeout} s")
     assert process.returncode == 0, f"worker {process.args[2]} failed:\n{err[-3000:]}"
     return json.loads(out.strip().splitlines()[-1])
+
+
+def worker_pool() -> Iterator[Callable[..., subprocess.Popen]]:
+    """A pytest fixture body: yields ``start`` (same arguments as :func:`start_worker`); any worker
+    still running at the end is killed."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: Any, **kwargs: Any) -> subprocess.Popen:
+        process = start_worker(*args, **kwargs)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

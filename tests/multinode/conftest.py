@@ -58,18 +58,7 @@ def volume(gluster) -> Iterator["glusterfs.Volume"]:
 @pytest.fixture
 def workers() -> Iterator:
     """Start tests/faults/worker.py processes (one per "engine"); any still running at the end is killed."""
-    from workload import start_worker
+    from workload import worker_pool
 
-    started: list = []
-
-    def start(*args, **kwargs):
-        process = start_worker(*args, **kwargs)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    yield from worker_pool()
 

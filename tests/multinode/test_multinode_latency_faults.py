@@ -21,7 +21,7 @@ import torch
 import vllm_steps
 from vllm import SamplingParams
 from vllm.v1.request import Request
-from vllm_steps import BLOCK, LAYERS, Engine, expected_block
+from vllm_steps import assert_loaded, Engine
 from workload import SPLIT, check_prefix, kv_for, open_store
 
 import glusterfs
@@ -77,14 +77,6 @@ def connector_lookup(engine: Engine, tokens: list[int], name: str) -> int:
         assert time.monotonic() < deadline, "a deferred lookup never finished"
         time.sleep(0.001)
     return hit
-
-
-def assert_loaded(engine: Engine, tokens: list[int], block_ids: list[int]) -> None:
-    for index in range(-(-len(tokens) // BLOCK)):
-        valid = min(BLOCK, len(tokens) - index * BLOCK)
-        for offset, layer in enumerate(LAYERS):
-            expected = expected_block(tokens, index) + offset
-            assert torch.equal(engine.block(layer, block_ids[index])[:, :valid], expected[:, :valid]), index
 
 
 def measure(root: Path) -> dict[str, float]:

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from vllm_steps import BLOCK, LAYERS, Engine, expected_block
+from vllm_steps import assert_loaded, Engine
 from workload import PROMPTS, SPLIT, check_prefix, finish_worker, kv_for, open_store, prompt
 
 from vua.errors import StoreWriteError
@@ -45,15 +44,6 @@ def verify_clean(root: Path) -> int:
 
 def store_bytes(root: Path) -> int:
     return sum(f.size for f in walk(root) if f.kind in (FULL, TAIL) or is_temp_name(Path(f.location).name))
-
-
-def assert_loaded(engine: Engine, tokens: list[int], block_ids: list[int]) -> None:
-    """Every block of the prompt holds exactly the KV a compute of ``tokens`` gives (loaded or not)."""
-    for index in range(-(-len(tokens) // BLOCK)):
-        valid = min(BLOCK, len(tokens) - index * BLOCK)
-        for offset, layer in enumerate(LAYERS):
-            expected = expected_block(tokens, index) + offset
-            assert torch.equal(engine.block(layer, block_ids[index])[:, :valid], expected[:, :valid]), index
 
 
 def test_concurrent_writers_of_the_same_prefixes_through_two_mounts(volume, workers) -> None:

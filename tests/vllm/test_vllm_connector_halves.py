@@ -15,7 +15,7 @@ from vllm.v1.request import Request
 
 from vua.vllm.settings import DISABLE_GET, DISABLE_PUT
 
-from vllm_steps import count_metadata_calls, BLOCK, CHUNK, LAYERS, Engine, expected_block, identity
+from vllm_steps import assert_loaded, count_metadata_calls, BLOCK, CHUNK, LAYERS, Engine, expected_block, identity
 
 rng = random.Random(7)
 P = [rng.randrange(3, 5000) for _ in range(58)]  # 3 full chunks, a tail of 2 blocks, 2 tokens past the last whole block
@@ -30,15 +30,6 @@ def _start(path: Path) -> int:
 
     data = path.read_bytes()
     return int(decode_header(data[: 8 + decode_header_length(data, len(data))], len(data)).metadata["vua_start"])
-
-
-def assert_loaded(engine: Engine, tokens: list[int], block_ids: list[int], n_blocks: int) -> None:
-    """The first ``n_blocks`` blocks hold the KV of ``tokens`` (the slots a prompt's last block has)."""
-    for index in range(n_blocks):
-        valid = min(BLOCK, len(tokens) - index * BLOCK)
-        for offset, layer in enumerate(LAYERS):
-            expected = expected_block(tokens, index) + offset
-            assert torch.equal(engine.block(layer, block_ids[index])[:, :valid], expected[:, :valid]), index
 
 
 @pytest.fixture

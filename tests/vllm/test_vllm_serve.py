@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -48,38 +50,31 @@ def wait_healthy(port: int, server: subprocess.Popen, log: Path, timeout: float 
     raise AssertionError(f"server not healthy after {timeout} s:\n{log.read_text()[-6000:]}")
 
 
-def test_repeated_completion_reports_cached_tokens(tmp_path: Path) -> None:
-    model = build_tiny_llama(TinyLlamaSpec())
-    root = tmp_path / "store"
-    root.mkdir()
+SERVE_ARGS = ["--host", "127.0.0.1", "--enable-prompt-tokens-details", "--max-num-batched-tokens", "256",
+              "--block-size", "32", "--max-model-len", "4096", "--no-enable-prefix-caching", "--enforce-eager",
+              "--dtype", "float32"]
+
+
+@contextmanager
+def vua_server(command: list[str], model: Path, root: Path, workdir: Path, *extra: str,
+               env: dict[str, str] | None = None) -> Iterator[tuple[int, Path]]:
+    """``command serve model`` with VUA on ``root`` (found by name: the plugin entry point), healthy;
+    yields (port, log) and stops the server's whole process group at the end."""
     port = free_port()
     config = {"kv_connector": "VUAStorageConnector_V1", "kv_role": "kv_both",
               "kv_connector_extra_config": {"shared_storage_path": str(root), "chunk_size": CHUNK}}
-    log = tmp_path / "server.log"
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_TARGET_DEVICE"}  # the wrapper sets it
+    log = workdir / "server.log"
+    env = dict(env if env is not None else {k: v for k, v in os.environ.items() if k != "VLLM_TARGET_DEVICE"})
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     with open(log, "w") as out:
         server = subprocess.Popen(
-            [sys.executable, str(REPO / "bin" / "vua-vllm"), "serve", str(model), "--host", "127.0.0.1",
-             "--port", str(port), "--kv-transfer-config", json.dumps(config), "--enable-prompt-tokens-details",
-             "--max-num-batched-tokens", "256", "--block-size", "32", "--max-model-len", "4096",
-             "--no-enable-prefix-caching", "--enforce-eager", "--dtype", "float32"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
+            [*command, "serve", str(model), "--port", str(port), "--kv-transfer-config", json.dumps(config),
+             *SERVE_ARGS, *extra],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True,
         )
     try:
         wait_healthy(port, server, log)
-        body = {"model": str(model), "prompt": P, "max_tokens": 3, "temperature": 0.0, "logprobs": 1}
-        first = post(port, body)
-        assert first["usage"]["prompt_tokens"] == len(P)
-        assert (first["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
-        # Saves are written in the background; a chunk is claimed only once it is published.
-        deadline = time.monotonic() + 60
-        while len(list(root.rglob("*.safetensors"))) < 5 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        second = post(port, body)
-        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 576
-        assert second["choices"][0]["text"] == first["choices"][0]["text"]
-        assert "fails its request" not in log.read_text()  # the wrapper chose the recompute policy
+        yield port, log
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -87,6 +82,29 @@ def test_repeated_completion_reports_cached_tokens(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def wait_for_fragments(root: Path, count: int, timeout: float = 60) -> None:
+    """Saves are written in the background; a chunk is claimed only once it is published."""
+    deadline = time.monotonic() + timeout
+    while len(list(root.rglob("*.safetensors"))) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_repeated_completion_reports_cached_tokens(tmp_path: Path) -> None:
+    model = build_tiny_llama(TinyLlamaSpec())
+    root = tmp_path / "store"
+    root.mkdir()
+    with vua_server([sys.executable, str(REPO / "bin" / "vua-vllm")], model, root, tmp_path) as (port, log):
+        body = {"model": str(model), "prompt": P, "max_tokens": 3, "temperature": 0.0, "logprobs": 1}
+        first = post(port, body)
+        assert first["usage"]["prompt_tokens"] == len(P)
+        assert (first["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
+        wait_for_fragments(root, 5)
+        second = post(port, body)
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 576
+        assert second["choices"][0]["text"] == first["choices"][0]["text"]
+        assert "'recompute'" in log.read_text()  # the connector chose vLLM's recompute policy
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -128,78 +146,58 @@ def test_metrics_and_kv_events_of_a_served_engine(tmp_path: Path) -> None:
     subscriber.connect(endpoint)
     subscriber.setsockopt(zmq.SUBSCRIBE, b"kv")
     kv_events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint, "topic": "kv"}
-    config = {"kv_connector": "VUAStorageConnector_V1", "kv_role": "kv_both",
-              "kv_connector_extra_config": {"shared_storage_path": str(root), "chunk_size": CHUNK}}
-    log = tmp_path / "server.log"
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_TARGET_DEVICE"}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            [sys.executable, str(REPO / "bin" / "vua-vllm"), "serve", str(model), "--host", "127.0.0.1",
-             "--port", str(port), "--kv-transfer-config", json.dumps(config), "--kv-events-config", json.dumps(kv_events),
-             "--enable-prompt-tokens-details", "--max-num-batched-tokens", "256", "--block-size", "32",
-             "--max-model-len", "4096", "--no-enable-prefix-caching", "--enforce-eager", "--dtype", "float32"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
-        )
+    command = [sys.executable, str(REPO / "bin" / "vua-vllm")]
     try:
-        wait_healthy(port, server, log)
-        body = {"model": str(model), "prompt": P, "max_tokens": 3, "temperature": 0.0}
-        post(port, body)
-        deadline = time.monotonic() + 60
-        while len(list(root.rglob("*.safetensors"))) < 5 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        cached = post(port, body)["usage"]["prompt_tokens_details"]["cached_tokens"]
-        assert cached == 576  # 4 chunks of 128 and a tail of 2 blocks
+        with vua_server(command, model, root, tmp_path, "--kv-events-config", json.dumps(kv_events)) as (port, _):
+            body = {"model": str(model), "prompt": P, "max_tokens": 3, "temperature": 0.0}
+            post(port, body)
+            wait_for_fragments(root, 5)
+            cached = post(port, body)["usage"]["prompt_tokens_details"]["cached_tokens"]
+            assert cached == 576  # 4 chunks of 128 and a tail of 2 blocks
 
-        # Stats reach the front end with the engine's outputs; the second request is counted as it finishes.
-        deadline = time.monotonic() + 30
-        samples = scrape(port)
-        while vua_sample(samples, "vllm:vua_requests_total") < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
+            # Stats reach the front end with the engine's outputs; the second request is counted as it finishes.
+            deadline = time.monotonic() + 30
             samples = scrape(port)
-        assert vua_sample(samples, "vllm:vua_requests_total") == 2
-        assert vua_sample(samples, "vllm:vua_query_tokens_total") == 2 * len(P)
-        assert vua_sample(samples, "vllm:vua_hit_tokens_total") == cached
-        assert vua_sample(samples, "vllm:vua_hit_rate") == cached / (2 * len(P))
-        assert vua_sample(samples, "vllm:vua_saved_fragments_total") == 5 == len(list(root.rglob("*.safetensors")))
-        assert vua_sample(samples, "vllm:vua_loaded_fragments_total") == 5
-        kv_bytes = vua_sample(samples, "vllm:vua_saved_bytes_total")
-        assert kv_bytes > 0 and vua_sample(samples, "vllm:vua_loaded_bytes_total") == kv_bytes  # the same 18 blocks
-        assert vua_sample(samples, "vllm:vua_load_throughput_gb_per_second") > 0
-        lookups = vua_sample(samples, "vllm:vua_lookups_total")
-        assert lookups >= 2 and vua_sample(samples, "vllm:vua_lookup_time_seconds_count") == lookups
-        for kind in ("storage", "internal"):
-            assert vua_sample(samples, "vllm:vua_load_errors_total", kind=kind) == 0
-            assert vua_sample(samples, "vllm:vua_save_errors_total", kind=kind) == 0
-        assert vua_sample(samples, "vllm:vua_saves_skipped_total") == 0
-        assert vua_sample(samples, "vllm:vua_saves_poisoned_total") == 0
+            while vua_sample(samples, "vllm:vua_requests_total") < 2 and time.monotonic() < deadline:
+                time.sleep(0.5)
+                samples = scrape(port)
+            assert vua_sample(samples, "vllm:vua_requests_total") == 2
+            assert vua_sample(samples, "vllm:vua_query_tokens_total") == 2 * len(P)
+            assert vua_sample(samples, "vllm:vua_hit_tokens_total") == cached
+            assert vua_sample(samples, "vllm:vua_hit_rate") == cached / (2 * len(P))
+            assert vua_sample(samples, "vllm:vua_saved_fragments_total") == 5 == len(list(root.rglob("*.safetensors")))
+            assert vua_sample(samples, "vllm:vua_loaded_fragments_total") == 5
+            kv_bytes = vua_sample(samples, "vllm:vua_saved_bytes_total")
+            assert kv_bytes > 0 and vua_sample(samples, "vllm:vua_loaded_bytes_total") == kv_bytes  # the same 18 blocks
+            assert vua_sample(samples, "vllm:vua_load_throughput_gb_per_second") > 0
+            lookups = vua_sample(samples, "vllm:vua_lookups_total")
+            assert lookups >= 2 and vua_sample(samples, "vllm:vua_lookup_time_seconds_count") == lookups
+            for kind in ("storage", "internal"):
+                assert vua_sample(samples, "vllm:vua_load_errors_total", kind=kind) == 0
+                assert vua_sample(samples, "vllm:vua_save_errors_total", kind=kind) == 0
+            assert vua_sample(samples, "vllm:vua_saves_skipped_total") == 0
+            assert vua_sample(samples, "vllm:vua_saves_poisoned_total") == 0
 
-        # Events: the writes were reported by the steps after them (the second request's at the latest).
-        decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
-        stored = []
-        deadline = time.monotonic() + 30
-        while sum(len(e.block_hashes) for e in stored) < 18 and time.monotonic() < deadline:
-            if subscriber.poll(1000):
-                topic, _seq, payload = subscriber.recv_multipart()
-                assert topic == b"kv"
-                stored += [e for e in decoder.decode(payload).events if getattr(e, "medium", None) == "STORAGE"]
-        by_parent = {e.parent_block_hash: e for e in stored}
-        chain, parent = [], None
-        while parent in by_parent:  # follow the prefix from its first block, as a router would
-            chain.append(by_parent[parent])
-            parent = chain[-1].block_hashes[-1]
-        assert len(chain) == len(stored) == 5
-        assert [len(e.block_hashes) for e in chain] == [4, 4, 4, 4, 2]
-        assert [t for e in chain for t in e.token_ids] == P[:576]
-        assert {(e.block_size, e.ownership, type(e).__name__) for e in chain} == {(32, "vua", "BlockStored")}
-        print("\n".join(f"{k} {v:g}" for k, v in sorted(samples.items())))  # for the docs' excerpt
-        print("\n".join(repr(e)[:400] for e in chain))
+            # Events: the writes were reported by the steps after them (the second request's at the latest).
+            decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+            stored = []
+            deadline = time.monotonic() + 30
+            while sum(len(e.block_hashes) for e in stored) < 18 and time.monotonic() < deadline:
+                if subscriber.poll(1000):
+                    topic, _seq, payload = subscriber.recv_multipart()
+                    assert topic == b"kv"
+                    stored += [e for e in decoder.decode(payload).events if getattr(e, "medium", None) == "STORAGE"]
+            by_parent = {e.parent_block_hash: e for e in stored}
+            chain, parent = [], None
+            while parent in by_parent:  # follow the prefix from its first block, as a router would
+                chain.append(by_parent[parent])
+                parent = chain[-1].block_hashes[-1]
+            assert len(chain) == len(stored) == 5
+            assert [len(e.block_hashes) for e in chain] == [4, 4, 4, 4, 2]
+            assert [t for e in chain for t in e.token_ids] == P[:576]
+            assert {(e.block_size, e.ownership, type(e).__name__) for e in chain} == {(32, "vua", "BlockStored")}
+            print("\n".join(f"{k} {v:g}" for k, v in sorted(samples.items())))  # for the docs' excerpt
+            print("\n".join(repr(e)[:400] for e in chain))
     finally:
         subscriber.close(linger=0)
         context.term()
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()

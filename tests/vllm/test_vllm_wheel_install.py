@@ -14,12 +14,11 @@ import os
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
-from test_vllm_serve import free_port, post, wait_healthy
-from vllm_engine_run import CHUNK, P
+from test_vllm_serve import post, vua_server, wait_for_fragments
+from vllm_engine_run import P
 
 from vua.tools.tinymodel import TinyLlamaSpec, build_tiny_llama
 
@@ -63,30 +62,11 @@ def test_serve_finds_the_connector_through_the_plugin(installed: Path, tmp_path:
     model = build_tiny_llama(TinyLlamaSpec())
     root = tmp_path / "store"
     root.mkdir()
-    port = free_port()
-    # No kv_connector_module_path: the name resolves only through the wheel's vllm.general_plugins entry point.
-    config = {"kv_connector": "VUAStorageConnector_V1", "kv_role": "kv_both",
-              "kv_connector_extra_config": {"shared_storage_path": str(root), "chunk_size": CHUNK}}
-    log = tmp_path / "server.log"
+    # The config names no kv_connector_module_path: the name resolves only through the wheel's
+    # vllm.general_plugins entry point. No PYTHONPATH either: only the venv's own packages.
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_TARGET_DEVICE", "PYTHONPATH")}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            [str(installed / "vua-vllm"), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-             "--kv-transfer-config", json.dumps(config), "--enable-prompt-tokens-details",
-             "--max-num-batched-tokens", "256", "--block-size", "32", "--max-model-len", "4096",
-             "--no-enable-prefix-caching", "--enforce-eager", "--dtype", "float32"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
-        )
-    try:
-        wait_healthy(port, server, log)
+    with vua_server([str(installed / "vua-vllm")], model, root, tmp_path, env=env) as (port, _):
         body = {"model": str(model), "prompt": P, "max_tokens": 2, "temperature": 0.0}
         post(port, body)
-        deadline = time.monotonic() + 60
-        while len(list(root.rglob("*.safetensors"))) < 5 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        second = post(port, body)
-        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 576
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
+        wait_for_fragments(root, 5)
+        assert post(port, body)["usage"]["prompt_tokens_details"]["cached_tokens"] == 576

@@ -94,16 +94,7 @@ class Engine:
         computed, first, jobs = hit, True, {"loads": [], "saves": []}
         while computed < len(tokens):
             scheduled = min(step_tokens, len(tokens) - computed)
-            output = SchedulerOutput.make_empty()
-            output.num_scheduled_tokens = {request_id: scheduled}
-            if first:
-                output.scheduled_new_reqs = [NewRequestData.from_request(request, (block_ids,))]
-                output.scheduled_new_reqs[0].num_computed_tokens = computed
-            else:
-                output.scheduled_cached_reqs = CachedRequestData(
-                    req_ids=[request_id], resumed_req_ids=set(), new_token_ids=[], all_token_ids={},
-                    new_block_ids=[None], num_computed_tokens=[computed], num_output_tokens=[0])
-            meta = self.scheduler.build_connector_meta(output)
+            meta = self.scheduler.build_connector_meta(scheduled_step(request, block_ids, computed, scheduled, first))
             jobs["loads"] += meta.loads
             jobs["saves"] += meta.saves
             self.worker.start_load(meta.loads)
@@ -140,16 +131,7 @@ class Engine:
         saves, computed, first = [], hit, True
         while computed < len(tokens) - 1:  # the last token is sampled, never computed
             scheduled = min(step_tokens, len(prompt) - computed) if computed < len(prompt) else 1
-            output = SchedulerOutput.make_empty()
-            output.num_scheduled_tokens = {request_id: scheduled}
-            if first:
-                output.scheduled_new_reqs = [NewRequestData.from_request(request, (block_ids,))]
-                output.scheduled_new_reqs[0].num_computed_tokens = computed
-            else:
-                output.scheduled_cached_reqs = CachedRequestData(
-                    req_ids=[request_id], resumed_req_ids=set(), new_token_ids=[], all_token_ids={},
-                    new_block_ids=[None], num_computed_tokens=[computed], num_output_tokens=[0])
-            meta = self.scheduler.build_connector_meta(output)
+            meta = self.scheduler.build_connector_meta(scheduled_step(request, block_ids, computed, scheduled, first))
             saves += meta.saves
             self.worker.start_load(meta.loads)
             for layer in LAYERS:
@@ -221,3 +203,28 @@ def count_metadata_calls(monkeypatch) -> list[str]:
 
         monkeypatch.setattr(os, name, counted)
     return calls
+
+
+def scheduled_step(request: Request, block_ids: list[int], computed: int, scheduled: int, new: bool) -> SchedulerOutput:
+    """vLLM's scheduler output for one step of one request: ``scheduled`` tokens after ``computed``;
+    ``new`` the first time the request is scheduled, with all its blocks."""
+    output = SchedulerOutput.make_empty()
+    output.num_scheduled_tokens = {request.request_id: scheduled}
+    if new:
+        output.scheduled_new_reqs = [NewRequestData.from_request(request, (block_ids,))]
+        output.scheduled_new_reqs[0].num_computed_tokens = computed
+    else:
+        output.scheduled_cached_reqs = CachedRequestData(
+            req_ids=[request.request_id], resumed_req_ids=set(), new_token_ids=[], all_token_ids={},
+            new_block_ids=[None], num_computed_tokens=[computed], num_output_tokens=[0])
+    return output
+
+
+def assert_loaded(engine: "Engine", tokens: list[int], block_ids: list[int], n_blocks: int | None = None) -> None:
+    """The first ``n_blocks`` blocks (default: all of the prompt's) hold the KV a compute of
+    ``tokens`` gives, loaded or computed (the slots a prompt's last block has)."""
+    for index in range(-(-len(tokens) // BLOCK) if n_blocks is None else n_blocks):
+        valid = min(BLOCK, len(tokens) - index * BLOCK)
+        for offset, layer in enumerate(LAYERS):
+            expected = expected_block(tokens, index) + offset
+            assert torch.equal(engine.block(layer, block_ids[index])[:, :valid], expected[:, :valid]), index
