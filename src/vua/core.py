@@ -14,6 +14,7 @@ chained hash of the whole prefix it ends.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -125,6 +126,9 @@ class VUA:
         for row, row_tokens in enumerate(rows):
             for group, digest in enumerate(chained_digests(row_tokens, self.split_factor, self.store.namespace.seed)):
                 jobs.append(self._pool.submit(self._put_group, digest, row_tokens, row, group, layers, host))
+        # Every write ends (stored, or refused and cleaned up) before put returns or raises: a
+        # caller that sees the first error must not find another group's write still under way.
+        concurrent.futures.wait(jobs)
         for job in jobs:
             job.result()
 

@@ -89,8 +89,9 @@ def base(runs: dict, name: str) -> dict:
 
 def test_writer_and_baseline(runs: dict) -> None:
     assert [r["cached"] for r in runs["writer"]["results"]] == [0, 0]
-    # P_EXT: 5 chunks and a tail of one block; P2 (salt "a"): 3 chunks.
-    assert runs["writer"]["totals"]["saved_fragments"] == 9 == len(runs["stored_after_writer"])
+    # P_EXT: 5 chunks and a tail of one block, then from its answer (save_decode) a tail of two
+    # blocks (715 tokens have KV: 22 whole blocks); P2 (salt "a"): 3 chunks, its answer adds none.
+    assert runs["writer"]["totals"]["saved_fragments"] == 10 == len(runs["stored_after_writer"])
     # The baseline's own prefix cache: P's 18 blocks serve P_EXT and P again, 9 serve Q.
     assert [r["cached"] for r in runs["base"]["results"]] == [0, P_FULL, P_FULL, 0, 288]
     assert runs["base"]["used"]["prefix_caching"] is True
@@ -165,8 +166,9 @@ def test_lora_and_prompt_embeds_requests_are_neither_saved_nor_loaded(runs: dict
     # P is stored now, yet the LoRA and embeds requests load none of it; plain P does.
     assert (lora_warm["cached"], embeds_warm["cached"], plain_warm["cached"]) == (0, 0, P_FULL)
     totals = runs["lora"]["totals"]
-    assert (totals["saved_fragments"], totals["loaded_fragments"]) == (5, 5)
-    assert len(runs["lora_stored"]) == 5
+    # P: 4 chunks and a 2-block tail, then from its answer (save_decode) a 3-block tail.
+    assert (totals["saved_fragments"], totals["loaded_fragments"]) == (6, 5)
+    assert len(runs["lora_stored"]) == 6
     # The adapter changes the outputs (so the LoRA path ran); embeddings of P's ids give P's outputs.
     assert lora_cold["tokens"] != plain_cold["tokens"]
     assert lora_warm["tokens"] == lora_cold["tokens"]
