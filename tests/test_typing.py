@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).parents[1] / "src" / "vua"
-ENGINE = ["errors.py", "keys.py", "layout.py", "serdes.py", "integrity.py", "publish.py", "store.py",
+ENGINE = ["errors.py", "keys.py", "layout.py", "serdes.py", "integrity.py", "publish.py", "store.py", "sizes.py", "mounts.py",
           "inventory.py", "eviction.py", "backends"]
 
 

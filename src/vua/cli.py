@@ -31,10 +31,10 @@ from .errors import VUAError
 from .eviction import DEFAULT_RESOLUTION_S, DEFAULT_TEMP_GRACE_S, collect
 from .inventory import FULL, STRAY, TAIL, TEMP, StoredFile, check_fragment, namespaces, walk
 from .layout import check_root
+from .sizes import parse_byte_count
 
 __all__ = ["main", "parse_size", "parse_duration"]
 
-_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # Upper bounds of the age histogram buckets, in seconds.
 _AGE_BUCKETS = [("<1m", 60), ("<10m", 600), ("<1h", 3600), ("<1d", 86400), ("<7d", 7 * 86400), ("<30d", 30 * 86400), (">=30d", float("inf"))]
@@ -43,11 +43,11 @@ _WINDOWS = [("1h", 3600), ("1d", 86400), ("7d", 7 * 86400)]
 
 
 def parse_size(text: str) -> int:
-    """``"200G"``, ``"1.5T"``, ``"512M"``, ``"4096"`` (binary units; a trailing ``B``/``iB`` is allowed)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 200G, 512M or 4096")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    """``"200G"``, ``"1.5T"``, ``"512M"``, ``"4096"`` (:func:`vua.sizes.parse_byte_count`), for argparse."""
+    try:
+        return parse_byte_count(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_duration(text: str) -> float:

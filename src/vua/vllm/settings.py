@@ -67,7 +67,6 @@ checks at most about once a second.
 from __future__ import annotations
 
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +74,7 @@ from typing import Any, Literal, Mapping
 
 from ..errors import ConfigError, StoreRootError
 from ..layout import check_root
+from ..sizes import parse_byte_count
 
 __all__ = ["ConnectorSettings", "RuntimeSwitches", "parse_byte_size", "parse_bool", "DISABLE_GET", "DISABLE_PUT"]
 
@@ -96,20 +96,17 @@ _KNOWN_KEYS = {
     "lookup_budget_ms",
     "storage_timeout_s",
 }
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 
 def parse_byte_size(value: Any, key: str) -> int:
-    """A byte count from an int or a string such as ``"200G"``, ``"1.5TiB"`` or ``"4096"`` (binary units)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key} must be a byte size such as '200G', got {value!r}")
-    if isinstance(value, int):
-        size = value
-    elif isinstance(value, str) and (match := _SIZE.match(value)):
-        size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-    else:
+    """A positive byte count from an int or a string such as ``"200G"``, ``"1.5TiB"`` or ``"4096"``
+    (:func:`vua.sizes.parse_byte_count`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ConfigError(f"{key} must be a byte size such as '200G' or an int, got {value!r}")
+    try:
+        size = value if isinstance(value, int) else parse_byte_count(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be a byte size such as '200G' or an int, got {value!r}") from None
     if size <= 0:
         raise ConfigError(f"{key} must be positive, got {value!r}")
     return size
