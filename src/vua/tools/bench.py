@@ -124,8 +124,6 @@ def _system_cell(system: str, length: int, result: dict[str, Any], baseline: lis
     cold, warm = phases[f"cold-{length}"], phases[f"warm-{length}"]
     loaded, seconds = summed_stat(warm, "loaded_bytes"), summed_stat(warm, "load_seconds")
     reference = baseline if baseline is not None else cold
-    if baseline is not None and baseline and isinstance(baseline[0], list):  # output ids only (older callers)
-        reference = [{"output_ids": ids} for ids in baseline]
     expected = [row["output_ids"] for row in reference]
     diffs = [d for d in (_logprob_diff(cold, reference), _logprob_diff(warm, reference)) if d is not None]
     return Cell(
@@ -217,14 +215,15 @@ def _plot(cells: list[Cell], lengths: Sequence[int], path: Path, title: str) -> 
         if not series:
             continue
         color, marker = styles[system]
-        x = [c.prompt_tokens for c in series]
+        # Evenly spaced, one slot per length: 1000 and 1024 would overlap on a numeric axis.
+        x = [list(lengths).index(c.prompt_tokens) for c in series]
         if system == "recompute":
             axes.plot(x, [c.all_ttft_s for c in series], color=color, marker=marker, label=_LABELS[system])
             continue
         axes.plot(x, [c.warm_ttft_s for c in series], color=color, marker=marker, label=f"{_LABELS[system]}, warm (load)")
         axes.plot(x, [c.cold_ttft_s for c in series], color=color, marker=marker, linestyle="--", alpha=0.6, label=f"{_LABELS[system]}, cold (save)")
     axes.set_yscale("log")
-    axes.set_xticks(list(lengths), [str(n) for n in lengths], rotation=45, fontsize=7)
+    axes.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     seconds = FuncFormatter(lambda value, _: f"{value:g}")
     axes.yaxis.set_major_formatter(seconds)
     axes.yaxis.set_minor_locator(LogLocator(base=10, subs=(2, 3, 5)))

@@ -136,14 +136,13 @@ def _request_amx() -> None:
     """Ask Linux for this process's AMX tile state, where the CPU has AMX.
 
     vLLM's CPU attention runs AMX instructions for bf16 (``isa`` "amx") without asking for the
-    state itself; it relies on oneDNN having asked first, in a matmul. Seen here: when the first
-    forward pass of a fresh engine process is a one-token step over loaded KV (a warm hit), no
-    matmul has asked yet and the attention kernel dies with SIGILL (exit without a traceback,
-    "Illegal instruction" under faulthandler). Asking up front is harmless.
+    state itself; it relies on oneDNN having asked first, in a matmul. When the first forward pass
+    of a fresh engine process is a one-token step over loaded KV (a warm hit), no matmul has asked
+    yet and the attention kernel dies with SIGILL (seen with this shim before it asked; VUA's
+    connector asks for the same reason, ``vua.vllm._compat.allow_cpu_attention_tiles``).
     """
-    init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
-    if init is not None and torch.cpu._is_amx_tile_supported():
-        init()
+    if torch.cpu._is_amx_tile_supported():
+        torch.cpu._init_amx()
 
 
 class CPUMemmoveTieringSpec(TieringOffloadingSpec):
