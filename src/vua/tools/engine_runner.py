@@ -7,10 +7,10 @@ child runs each prompt as one request through ``LLMEngine.step`` and writes a re
 phase, one row per prompt::
 
     {"ttft_s": 2.3, "seconds": 2.4, "cached_tokens": 2944, "prompt_tokens": 3072,
-     "output_ids": [...], "connector_stats": [{...}, ...]}
+     "output_ids": [...], "logprobs": [...], "connector_stats": [{...}, ...]}
 
 ``ttft_s`` runs from adding the request to the first step output that holds a token;
-``cached_tokens`` is vLLM's ``num_cached_tokens`` (tokens not computed: prefix-cache or
+``logprobs`` is the logprob of each generated token; ``cached_tokens`` is vLLM's ``num_cached_tokens`` (tokens not computed: prefix-cache or
 connector hits) and ``connector_stats`` are the KV connector stats vLLM reported while the
 request ran. The child's own output (vLLM logs) goes to a log file; its progress lines and
 events come back on a pipe of their own.
@@ -344,7 +344,9 @@ def _child(job_path: str, events_fd: int) -> None:
     events.write("ready\n")
     for line in sys.stdin:
         command = json.loads(line)
-        params = SamplingParams(max_tokens=command["max_tokens"], temperature=0.0, ignore_eos=True)
+        # logprobs=1: the logprob of each generated token, to measure how far a connector's
+        # outputs are from a recompute's, not only whether the greedy tokens match.
+        params = SamplingParams(max_tokens=command["max_tokens"], temperature=0.0, ignore_eos=True, logprobs=1)
         rows = []
         for index, prompt in enumerate(command["prompts"]):
             row = _one_request(engine, f"{command['name']}-{command['id']}-{index}", prompt, params, connector_stats)
@@ -353,10 +355,19 @@ def _child(job_path: str, events_fd: int) -> None:
                 f"{command['name']}: {len(prompt)} tokens, first token after {row['ttft_s']:.2f} s, "
                 f"{row['cached_tokens']} reused"
             )
-        Path(command["result_path"]).write_text(json.dumps(rows, default=str))
+        Path(command["result_path"]).write_text(json.dumps(_json_safe(rows), default=str))
         events.write(f"done {command['id']}\n")
     # A graceful shutdown lets the connector finish background saves before its process goes.
     engine.engine_core.shutdown()
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every dict key a string (some connectors' stats are keyed by tuples)."""
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _one_request(engine: Any, request_id: str, prompt: Sequence[int], params: Any, connector_stats: list) -> dict[str, Any]:
@@ -374,12 +385,18 @@ def _one_request(engine: Any, request_id: str, prompt: Sequence[int], params: An
                 final = output
     end = time.perf_counter()
     assert final is not None, f"request {request_id} did not finish"
+    completion = final.outputs[0]
+    logprobs = [
+        float(step[token].logprob) if step and token in step else None
+        for token, step in zip(completion.token_ids, completion.logprobs or [])
+    ]
     return {
         "ttft_s": (first_token_at or end) - start,
         "seconds": end - start,
         "cached_tokens": final.num_cached_tokens or 0,
         "prompt_tokens": len(prompt),
-        "output_ids": list(final.outputs[0].token_ids),
+        "output_ids": list(completion.token_ids),
+        "logprobs": logprobs,
         "connector_stats": list(connector_stats),
     }
 
