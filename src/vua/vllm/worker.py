@@ -158,10 +158,7 @@ class WorkerSide:
         for job in jobs:
             broken = not self._layers
             for ref, ids in zip(job.fragments, job.block_ids):
-                fragment = None if broken else self.store.open(ref.path(self.store.layout, self.shard), ref.digest, ref.tokens)
-                if fragment is not None and not self._fits(fragment, ref):
-                    fragment.close()
-                    fragment = None
+                fragment = None if broken else self._open(ref)
                 # Everything after a missing piece is unusable too: it fails with it.
                 broken = broken or fragment is None
                 step.fragments.append(_OpenFragment(job.request_id, ref, ids, fragment, self._ends_claim(ref, job)))
@@ -199,6 +196,14 @@ class WorkerSide:
     def _ends_claim(self, ref: FragmentRef, job: LoadJob) -> bool:
         return ref.start < job.claimed_end < ref.start + ref.n_blocks * self.identity.block_size
 
+    def _open(self, ref: FragmentRef) -> Fragment | None:
+        """The fragment of ``ref``, its header and token ids verified and its layout this engine's; None otherwise."""
+        fragment = self.store.open(ref.path(self.store.layout, self.shard), ref.digest, ref.tokens)
+        if fragment is not None and not self._fits(fragment, ref):
+            fragment.close()
+            return None
+        return fragment
+
     def _fits(self, fragment: Fragment, ref: FragmentRef) -> bool:
         shape = (ref.n_blocks, *self.identity.block_shape)
         try:
@@ -219,7 +224,7 @@ class WorkerSide:
         try:
             kv = self._layers[layer]
             via_pinned = kv.is_cuda and not self._gds_verifiable(opened, kv, layer)
-            loaded = self._read_via_pinned(opened, layer) if via_pinned else self._read_in_place(opened, layer)
+            loaded = self._read_staged(step, opened, layer) if via_pinned else self._read_in_place(opened, layer)
         except Exception:  # noqa: BLE001 - a bug here must cost a recompute, not the engine
             logger.exception("VUA: internal error loading %s (layer %s); the blocks are recomputed", opened.fragment.path, layer)
             self._count(load_internal_errors=1)
@@ -246,33 +251,15 @@ class WorkerSide:
             torch.cuda.current_stream(kv.device).synchronize()
         return True
 
-    def _read_via_pinned(self, opened: _OpenFragment, layer: str) -> bool:
-        """CUDA without GDS: read and verify in pinned host memory, then copy up what is wanted."""
-        kv = self._layers[layer]
-        ids = opened.block_ids
-        staging = torch.empty((len(ids), *kv.shape[1:]), dtype=kv.dtype, pin_memory=True)
-        if not self.store.read(opened.fragment, [(layer, [host_bytes(staging)])], None):
-            return False
-        wanted = [j for j, b in enumerate(ids) if b != SCRATCH]
-        if wanted:
-            destination = torch.tensor([ids[j] for j in wanted], device=kv.device)
-            kv.index_copy_(0, destination, staging[wanted].to(kv.device, non_blocking=True))
-        torch.cuda.current_stream(kv.device).synchronize()
-        return True
-
     def _load_detached(self, step: _StepLoads, opened: _OpenFragment, layers: dict[str, Future]) -> None:
         """Open, verify and read one fragment into staging memory, then copy each verified layer
         into the KV cache unless the step was abandoned meanwhile. Never raises."""
         try:
             if self._layers:
-                fragment = self.store.open(opened.ref.path(self.store.layout, self.shard), opened.ref.digest, opened.ref.tokens)
-                if fragment is not None and not self._fits(fragment, opened.ref):
-                    fragment.close()
-                    fragment = None
-                opened.fragment = fragment
+                opened.fragment = self._open(opened.ref)
             for layer, future in layers.items():
-                if opened.fragment is not None and not opened.failed:
-                    self._read_staged(step, opened, layer)
+                if opened.fragment is not None and not opened.failed and not self._read_staged(step, opened, layer):
+                    opened.failed = True
                 future.set_result(None)
                 step.finished = max(step.finished, time.monotonic())
         except Exception:  # noqa: BLE001 - a bug here must cost a recompute, not the engine
@@ -287,22 +274,27 @@ class WorkerSide:
                 opened.fragment.close()
             opened.done = True
 
-    def _read_staged(self, step: _StepLoads, opened: _OpenFragment, layer: str) -> None:
+    def _read_staged(self, step: _StepLoads, opened: _OpenFragment, layer: str) -> bool:
+        """Read and verify one layer in staging memory (pinned on CUDA), then copy what is wanted
+        into the KV cache, unless the step was abandoned meanwhile. False if the read failed.
+
+        Used where bytes may not land in the KV cache as they are read: storage that may hang
+        (detached loads), and CUDA without GPUDirect Storage."""
         assert opened.fragment is not None
         kv = self._layers[layer]
         staging = torch.empty((len(opened.block_ids), *kv.shape[1:]), dtype=kv.dtype, pin_memory=kv.is_cuda)
         if not self.store.read(opened.fragment, [(layer, [host_bytes(staging)])], None):
-            opened.failed = True
-            return
+            return False
         wanted = [j for j, b in enumerate(opened.block_ids) if b != SCRATCH]
         with step.lock:
             if step.abandoned:
-                return
+                return True
             if wanted:
                 destination = torch.tensor([opened.block_ids[j] for j in wanted], device=kv.device)
                 kv.index_copy_(0, destination, staging[wanted].to(kv.device, non_blocking=kv.is_cuda))
             if kv.is_cuda:
                 torch.cuda.current_stream(kv.device).synchronize()
+        return True
 
     def _abandon(self, step: _StepLoads) -> None:
         """Storage did not answer in time: every fragment still loading fails, and nothing it reads
