@@ -70,13 +70,13 @@ class Engine:
         self._free = list(range(NUM_BLOCKS))
         self.errors: set[int] = set()
 
-    def lookup(self, request: Request, local_hit: int = 0) -> int:
+    def lookup(self, request: Request, local_hit: int = 0, expect_async: bool = False) -> int:
         """The connector's claim, asked again while it answers "not yet" (None), as vLLM's scheduler does."""
         deadline = time.monotonic() + 60
         while True:
             hit, is_async = self.scheduler.get_num_new_matched_tokens(request, local_hit)
             if hit is not None:
-                assert is_async is False
+                assert is_async is expect_async
                 return hit
             assert time.monotonic() < deadline, "a deferred lookup never finished"
             time.sleep(0.001)

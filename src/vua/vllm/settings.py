@@ -25,6 +25,14 @@ Every key, its default and why:
     Each attention layer waits only for its own layer's reads, so loading overlaps the forward
     pass. vLLM then runs attention outside CUDA graphs (piecewise graphs), since the wait must
     run. False loads everything before the forward pass and leaves full CUDA graphs alone.
+``async_load_min_tokens`` (default: 0 on a filesystem that can hang, else 8192)
+    Claims of at least this many tokens load asynchronously (vLLM's ``load_kv_async``): the
+    request waits while its fragments are read in the background, and every other request keeps
+    running its steps, so decoding requests never wait on a long load or on a slow mount. Shorter
+    claims load in the step that computes the rest of the prompt, layer by layer (above), which
+    answers sooner: an asynchronous load costs its request up to two engine steps of waiting on
+    top of the reads. 0 makes every load asynchronous; a number above the longest prompt, none.
+    Measured in doc/benchmarks.md ("Asynchronous loads").
 ``min_recompute_tokens`` (default 1)
     Prompt tokens always computed rather than loaded, at least 1 (vLLM needs the last one's
     logits). A claim may then end inside its last block, as vLLM's own offloading tier does: that
@@ -74,9 +82,14 @@ from typing import Any, Literal, Mapping
 
 from ..errors import ConfigError, StoreRootError
 from ..layout import check_root
+from ..mounts import may_hang
 from ..sizes import parse_byte_count
 
 __all__ = ["ConnectorSettings", "RuntimeSwitches", "parse_byte_size", "parse_bool", "DISABLE_GET", "DISABLE_PUT"]
+
+# Where an asynchronous load's extra step of waiting costs less than a decode step stalled by the
+# reads on a local disk (doc/benchmarks.md, "Asynchronous loads").
+LOCAL_ASYNC_LOAD_MIN_TOKENS = 8192
 
 DISABLE_GET = "disable-get"
 DISABLE_PUT = "disable-put"
@@ -95,6 +108,7 @@ _KNOWN_KEYS = {
     "save_decode",
     "lookup_budget_ms",
     "storage_timeout_s",
+    "async_load_min_tokens",
 }
 
 
@@ -132,16 +146,21 @@ def _parse_positive_seconds(value: Any, key: str) -> float:
     return seconds
 
 
-def _parse_positive_int(value: Any, key: str) -> int:
+def _parse_count(value: Any, key: str, least: int = 0) -> int:
+    kind = "a positive integer" if least == 1 else f"an integer of at least {least}"
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{key} must be {kind}, got {value!r}")
     try:
         number = int(value)
     except ValueError:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}") from None
-    if number <= 0:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{key} must be {kind}, got {value!r}") from None
+    if number < least:
+        raise ConfigError(f"{key} must be {kind}, got {value!r}")
     return number
+
+
+def _parse_positive_int(value: Any, key: str) -> int:
+    return _parse_count(value, key, least=1)
 
 
 @dataclass(frozen=True)
@@ -160,6 +179,7 @@ class ConnectorSettings:
     save_decode: bool = True
     lookup_budget_ms: int = 20
     storage_timeout_s: float = 10.0
+    async_load_min_tokens: int = LOCAL_ASYNC_LOAD_MIN_TOKENS
 
     @property
     def blocks_per_chunk(self) -> int:
@@ -204,6 +224,10 @@ class ConnectorSettings:
         if use_gds not in ("auto", "true", "false"):
             raise ConfigError(f"use_gds must be 'auto', true or false, got {extra['use_gds']!r}")
         max_store = extra.get("max_store_size")
+        if "async_load_min_tokens" in extra:
+            async_min = _parse_count(extra["async_load_min_tokens"], "async_load_min_tokens")
+        else:
+            async_min = 0 if may_hang(root) else LOCAL_ASYNC_LOAD_MIN_TOKENS
         return cls(
             root=root,
             block_size=block_size,
@@ -219,6 +243,7 @@ class ConnectorSettings:
             save_decode=parse_bool(extra.get("save_decode", True), "save_decode"),
             lookup_budget_ms=_parse_positive_int(extra.get("lookup_budget_ms", 20), "lookup_budget_ms"),
             storage_timeout_s=_parse_positive_seconds(extra.get("storage_timeout_s", 10), "storage_timeout_s"),
+            async_load_min_tokens=async_min,
         )
 
 
