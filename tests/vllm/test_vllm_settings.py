@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from vua.errors import ConfigError, StoreRootError
-from vua.vllm.settings import LOCAL_ASYNC_LOAD_MIN_TOKENS, ConnectorSettings, RuntimeSwitches, parse_byte_size
+from vua.vllm.settings import ConnectorSettings, RuntimeSwitches, parse_byte_size
 
 
-def parse(extra: dict, block_size: int = 32, max_num_batched_tokens: int = 300) -> ConnectorSettings:
-    return ConnectorSettings.from_extra_config(extra, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens)
+def parse(extra: dict, block_size: int = 32, max_num_batched_tokens: int = 300,
+          kv_bytes_per_token: int = 16 << 10) -> ConnectorSettings:
+    return ConnectorSettings.from_extra_config(extra, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
+                                               kv_bytes_per_token=kv_bytes_per_token)
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -28,8 +30,10 @@ def test_defaults(tmp_path: Path) -> None:
 
 
 def test_asynchronous_loads_by_claim_length(tmp_path: Path) -> None:
-    # A local disk: long claims only (tmp_path is on one here; tests/multinode checks GlusterFS's default of 0).
-    assert parse({"shared_storage_path": str(tmp_path)}).async_load_min_tokens == LOCAL_ASYNC_LOAD_MIN_TOKENS
+    # A local disk: claims of 64 MiB of KV or more (tmp_path is on one here; tests/multinode checks
+    # GlusterFS's default of 0). 16 KiB a token: 4096 tokens; 128 KiB a token (Llama-3-8B, bf16): 512.
+    assert parse({"shared_storage_path": str(tmp_path)}).async_load_min_tokens == 4096
+    assert parse({"shared_storage_path": str(tmp_path)}, kv_bytes_per_token=128 << 10).async_load_min_tokens == 512
     assert parse({"shared_storage_path": str(tmp_path), "async_load_min_tokens": "0"}).async_load_min_tokens == 0
 
 

@@ -43,7 +43,9 @@ def settings(root: Path, **extra) -> ConnectorSettings:
     # Claims reach the last prompt token (recomputing only it when the prompt ends on a block boundary).
     config = {"shared_storage_path": str(root), "chunk_size": CHUNK, "durable": False, "io_threads": 2,
               "claim_whole_blocks": False, "min_recompute_tokens": 1, **extra}
-    return ConnectorSettings.from_extra_config(config, block_size=BLOCK, max_num_batched_tokens=64)
+    kv_bytes_per_token = 2 * len(LAYERS) * BLOCK_SHAPE[0] * BLOCK_SHAPE[2]  # bf16
+    return ConnectorSettings.from_extra_config(config, block_size=BLOCK, max_num_batched_tokens=64,
+                                               kv_bytes_per_token=kv_bytes_per_token)
 
 
 def expected_block(tokens: list[int], block_index: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from ._compat import (
     KVConnectorRole,
     init_base,
     kv_block_size,
+    kv_bytes_per_token,
     kv_events_enabled,
     recompute_failed_loads,
     parallel_ranks,
@@ -56,6 +57,7 @@ class VUAStorageConnector_V1(KVConnectorBase_V1):
             vllm_config.kv_transfer_config.kv_connector_extra_config,
             block_size=kv_block_size(kv_cache_config, vllm_config),
             max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+            kv_bytes_per_token=kv_bytes_per_token(kv_cache_config),
         )
         identity = store_identity(vllm_config, kv_cache_config, settings.chunk_size)
         namespace = identity.namespace()

@@ -25,14 +25,16 @@ Every key, its default and why:
     Each attention layer waits only for its own layer's reads, so loading overlaps the forward
     pass. vLLM then runs attention outside CUDA graphs (piecewise graphs), since the wait must
     run. False loads everything before the forward pass and leaves full CUDA graphs alone.
-``async_load_min_tokens`` (default: 0 on a filesystem that can hang, else 8192)
+``async_load_min_tokens`` (default: 0 on a filesystem that can hang, else the tokens whose KV is
+:data:`ASYNC_LOAD_MIN_BYTES` per worker)
     Claims of at least this many tokens load asynchronously (vLLM's ``load_kv_async``): the
     request waits while its fragments are read in the background, and every other request keeps
     running its steps, so decoding requests never wait on a long load or on a slow mount. Shorter
     claims load in the step that computes the rest of the prompt, layer by layer (above), which
     answers sooner: an asynchronous load costs its request up to two engine steps of waiting on
-    top of the reads. 0 makes every load asynchronous; a number above the longest prompt, none.
-    Measured in doc/benchmarks.md ("Asynchronous loads").
+    top of the reads, where a short load in the step costs the running requests a few ms.
+    0 makes every load asynchronous; a number above the longest prompt, none. Measured in
+    doc/benchmarks.md ("Asynchronous loads").
 ``min_recompute_tokens`` (default 1)
     Prompt tokens always computed rather than loaded, at least 1 (vLLM needs the last one's
     logits). A claim may then end inside its last block, as vLLM's own offloading tier does: that
@@ -85,11 +87,12 @@ from ..layout import check_root
 from ..mounts import may_hang
 from ..sizes import parse_byte_count
 
-__all__ = ["ConnectorSettings", "RuntimeSwitches", "parse_byte_size", "parse_bool", "DISABLE_GET", "DISABLE_PUT"]
+__all__ = ["ASYNC_LOAD_MIN_BYTES", "ConnectorSettings", "RuntimeSwitches", "parse_byte_size", "parse_bool", "DISABLE_GET", "DISABLE_PUT"]
 
-# Where an asynchronous load's extra step of waiting costs less than a decode step stalled by the
-# reads on a local disk (doc/benchmarks.md, "Asynchronous loads").
-LOCAL_ASYNC_LOAD_MIN_TOKENS = 8192
+# On a local disk, loads of more KV than this (per worker) are asynchronous: read in the step, they
+# would stall every running request by more than a decode step or two (doc/benchmarks.md,
+# "Asynchronous loads").
+ASYNC_LOAD_MIN_BYTES = 64 << 20
 
 DISABLE_GET = "disable-get"
 DISABLE_PUT = "disable-put"
@@ -179,7 +182,7 @@ class ConnectorSettings:
     save_decode: bool = True
     lookup_budget_ms: int = 20
     storage_timeout_s: float = 10.0
-    async_load_min_tokens: int = LOCAL_ASYNC_LOAD_MIN_TOKENS
+    async_load_min_tokens: int = 0
 
     @property
     def blocks_per_chunk(self) -> int:
@@ -192,9 +195,11 @@ class ConnectorSettings:
 
     @classmethod
     def from_extra_config(
-        cls, extra: Mapping[str, Any] | None, *, block_size: int, max_num_batched_tokens: int
+        cls, extra: Mapping[str, Any] | None, *, block_size: int, max_num_batched_tokens: int, kv_bytes_per_token: int
     ) -> "ConnectorSettings":
-        """Validate ``kv_connector_extra_config``; raises :class:`ConfigError` or :class:`StoreRootError` naming the key."""
+        """Validate ``kv_connector_extra_config``; raises :class:`ConfigError` or :class:`StoreRootError` naming the key.
+
+        ``kv_bytes_per_token`` is the KV of one token on one worker (all its layers)."""
         extra = dict(extra or {})
         unknown = sorted(set(extra) - _KNOWN_KEYS)
         if unknown:
@@ -227,7 +232,7 @@ class ConnectorSettings:
         if "async_load_min_tokens" in extra:
             async_min = _parse_count(extra["async_load_min_tokens"], "async_load_min_tokens")
         else:
-            async_min = 0 if may_hang(root) else LOCAL_ASYNC_LOAD_MIN_TOKENS
+            async_min = 0 if may_hang(root) else -(-ASYNC_LOAD_MIN_BYTES // max(1, kv_bytes_per_token))
         return cls(
             root=root,
             block_size=block_size,

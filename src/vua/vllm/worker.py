@@ -20,6 +20,7 @@ blocks that failed to load are reported so that vLLM recomputes them.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -74,6 +75,14 @@ class _LoadBatch:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def _yield_cpu() -> None:
+    """Lower this thread's CPU priority: asynchronous loads must not take cores from the steps."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except OSError:
+        pass
+
+
 class WorkerSide:
     def __init__(
         self, settings: ConnectorSettings, identity: StoreIdentity, store: FragmentStore, tp_rank: int = 0, pp_rank: int = 0
@@ -88,7 +97,8 @@ class WorkerSide:
         self._readers = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="vua-load")
         # Apart from the step's readers, so that a long asynchronous load never queues ahead of a
         # step's reads, which the forward pass waits for.
-        self._async_readers = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="vua-load-async")
+        self._async_readers = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="vua-load-async",
+                                                 initializer=_yield_cpu)
         self._async: dict[str, _LoadBatch] = {}  # request id -> its asynchronous load
         self._writers = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="vua-save")
         self._lock = threading.Lock()
