@@ -154,6 +154,9 @@ def test_storage_that_hangs_ends_an_asynchronous_load_and_its_late_reads_touch_n
     assert 0.5 <= time.monotonic() - started < 20
     assert errors == set(block_ids[:CLAIMED_BLOCKS])
     assert engine.worker.totals.data["load_timeouts"] == 1
+    # vLLM asks again for a request rewound to token 0. Its fragments are still there, but it is
+    # computed now, not sent to wait on the same storage again.
+    assert engine.scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
     storage_answers.set()  # the reads in flight finish, verified, and are dropped
     engine.close()  # waits for every reader
     assert late and all(late)

@@ -140,6 +140,7 @@ class _Request:
     claimed_from: int = 0  # the local hit that lookup was asked about
     claim_async: bool = False  # the claim is loaded asynchronously (long enough)
     loading_async: bool = False  # allocated for an asynchronous load the worker has not reported finished
+    load_failed: bool = False  # a load of it failed: it is computed from then on, never looked up again
     lookup: Future | None = None  # a lookup still running, or done and not yet answered
     lookup_tokens: int = 0  # the token count it was started for
     lookup_started: float = 0.0  # when (time.monotonic) it was started
@@ -212,7 +213,7 @@ class SchedulerSide:
         """
         tracked = self._tracked(request)
         now = time.monotonic()
-        if tracked is None or not self.switches.get_enabled or now < self._stalled_until:
+        if tracked is None or tracked.load_failed or not self.switches.get_enabled or now < self._stalled_until:
             return 0, False
         # A request resumed after preemption has generated tokens too; they may be stored.
         tracked.keys.extend(known_token_ids(request))
@@ -384,6 +385,9 @@ class SchedulerSide:
                 # vLLM recomputes from the failed block on: those claimed tokens were not a hit.
                 tracked.hit_tokens = max(0, min(tracked.hit_tokens, first * self.block_size - tracked.claimed_from))
                 tracked.rewind(first // self.cb)
+                # vLLM asks again for a request whose asynchronous load failed from its first
+                # block; storage that keeps failing it (a read that hangs) must not make it wait again.
+                tracked.load_failed = True
                 logger.info("VUA: request %s: KV from block %d on failed to load; it is recomputed and saved again",
                             request_id, first)
 
