@@ -11,10 +11,13 @@ each a fresh process on the same store:
   the brick's files too, are dropped from it with POSIX_FADV_DONTNEED before each run);
 * the inter-token latency (ITL) of the decoders is taken over their decode steps 30..150.
 
-Modes: ``none`` (no loaders: the decoders' own ITL), ``recompute`` (the loaders' prefixes are
+Modes: ``none`` (no loaders: the decoders' own ITL), ``cached`` (no connector: vLLM's own
+prefix cache holds the loaders' prompts, sent once before the decoders start, so a loader only
+computes its last block: the floor any store can reach), ``recompute`` (the loaders' prefixes are
 not stored: vLLM computes them, in chunked prefill), ``sync`` (every claim loads in the step
 that computes the rest, layer by layer) and ``async`` (every claim loads asynchronously; the
-loader waits, the decoders run). Each mode runs ``--repeats`` times, interleaved; the report
+loader waits, the decoders run). ``sync-alone`` and ``async-alone`` send the loaders one at a time
+to an engine with nothing else to do: what an asynchronous load costs the loader itself. Each mode runs ``--repeats`` times, interleaved; the report
 gives medians over runs of each run's p50/p99/max ITL and the loaders' TTFT.
 
     python benchmarks/itl_during_loads.py --out itl-local            # store in a temp dir on local disk
@@ -39,7 +42,7 @@ from typing import Any
 from vua.tools.bench import BENCH_MODEL
 from vua.tools.engine_runner import cpu_engine_env, engine_options, random_prompts, resolve_model, vua_connector
 
-MODES = ("none", "recompute", "sync", "async")
+MODES = ("none", "cached", "recompute", "sync", "async", "sync-alone", "async-alone")
 LOADER_TOKENS = 8192
 DECODER_TOKENS = 128
 DECODE_STEPS = 400
@@ -86,10 +89,18 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     options = engine_options(job["model"], job["loader_tokens"], 1)
     options.update(max_num_batched_tokens=CHUNK, max_num_seqs=8, kv_cache_memory_bytes=2 << 30,
                    max_model_len=max(job["loader_tokens"], DECODER_TOKENS + DECODE_STEPS) + 128)
-    extra = {"async_load_min_tokens": 0 if job["mode"] == "async" else NEVER}
-    options["kv_transfer_config"] = KVTransferConfig(**vua_connector(job["root"], CHUNK, **extra))
+    extra = {"async_load_min_tokens": 0 if job["mode"].startswith("async") else NEVER, **job["settings"]}
+    if job["mode"] == "cached":
+        options["enable_prefix_caching"] = True
+    else:
+        options["kv_transfer_config"] = KVTransferConfig(**vua_connector(job["root"], CHUNK, **extra))
     engine = LLMEngine.from_engine_args(EngineArgs(model=job["model"], **options))
     loaders, decoders = job["loaders"], job["decoders"]
+    if job["mode"] == "cached":
+        for index, prompt in enumerate(loaders):
+            engine.add_request(f"warm-{index}", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))
+            while engine.has_unfinished_requests():
+                engine.step()
     if job["store"]:
         for index, prompt in enumerate(loaders):
             engine.add_request(f"store-{index}", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))
@@ -97,6 +108,18 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
                 engine.step()
         engine.engine_core.shutdown()  # waits for the background writes
         return {}
+    if job["mode"].endswith("-alone"):
+        ttfts, reused = [], []
+        for index, prompt in enumerate(loaders):
+            started = time.perf_counter()
+            engine.add_request(f"loader-{index}", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        ttfts.append(1e3 * (time.perf_counter() - started))
+                        reused.append(output.num_cached_tokens or 0)
+        engine.engine_core.shutdown()
+        return {"itl_ms": [], "loader_ttft_ms": ttfts, "loader_cached": reused}
     decode = SamplingParams(max_tokens=DECODE_STEPS + 1, temperature=0.0, ignore_eos=True)
     for index, prompt in enumerate(decoders):
         engine.add_request(f"decoder-{index}", {"prompt_token_ids": prompt}, decode)
@@ -105,9 +128,16 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     first_token: dict[str, float] = {}
     cached: dict[str, int] = {}
     arrivals = [] if job["mode"] == "none" else list(ARRIVALS)
+    steps_seen: list[tuple[float, list[str]]] = []  # (duration, what happened in it) of every step
+    last = time.perf_counter()
+    events: list[str] = []
     while engine.has_unfinished_requests():
         outputs = engine.step()
         now = time.perf_counter()
+        events += [f"{o.request_id} first token" for o in outputs
+                   if o.request_id not in token_times and o.request_id not in first_token]
+        steps_seen.append((now - last, events))
+        last, events = now, []
         for output in outputs:
             rid = output.request_id
             if rid in token_times:
@@ -122,19 +152,26 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
             rid = f"loader-{len(added)}"
             added[rid] = time.perf_counter()
             engine.add_request(rid, {"prompt_token_ids": loaders[len(added) - 1]}, SamplingParams(max_tokens=1))
+            events.append(f"{rid} arrived before it")
     engine.engine_core.shutdown()
+    typical = statistics.median(d for d, _ in steps_seen)
     gaps = [b - a for times in token_times.values() for a, b in zip(times[WINDOW[0]:WINDOW[1]], times[WINDOW[0] + 1:WINDOW[1] + 1])]
     return {
         "itl_ms": [1e3 * g for g in gaps],
         "loader_ttft_ms": [1e3 * (first_token[rid] - added[rid]) for rid in added],
         "loader_cached": [cached[rid] for rid in added],
+        # Where the time went: every step that took over twice the median step, and what happened in it.
+        "slow_steps": [(round(1e3 * d, 1), e) for d, e in steps_seen if d > 2 * typical],
     }
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
     """Medians over runs of each run's ITL percentiles, mean loader TTFT and tokens reused."""
+    nan = float("nan")
     rows = [
-        {"p50": _percentile(r["itl_ms"], 0.5), "p99": _percentile(r["itl_ms"], 0.99), "max": max(r["itl_ms"]),
+        {"p50": _percentile(r["itl_ms"], 0.5) if r["itl_ms"] else nan,
+         "p99": _percentile(r["itl_ms"], 0.99) if r["itl_ms"] else nan,
+         "max": max(r["itl_ms"], default=nan),
          "ttft": statistics.mean(r["loader_ttft_ms"]) if r["loader_ttft_ms"] else float("nan"),
          "cached": statistics.mean(r["loader_cached"]) if r["loader_cached"] else 0.0}
         for r in runs
@@ -151,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--loader-tokens", type=int, default=LOADER_TOKENS)
+    parser.add_argument("--warm", action="store_true", help="leave the store in the page cache (default: evict it)")
+    parser.add_argument("--settings", type=json.loads, default={}, help="more VUA settings, as JSON")
     args = parser.parse_args(argv)
     if args.child:
         print("RESULT " + json.dumps(child(json.load(sys.stdin))), flush=True)
@@ -175,14 +214,15 @@ def main(argv: list[str] | None = None) -> int:
             root = args.root or Path(scratch)
             cold = [root]
         try:
-            base = {"model": model, "loaders": loaders, "decoders": decoders, "loader_tokens": args.loader_tokens}
+            base = {"model": model, "loaders": loaders, "decoders": decoders, "loader_tokens": args.loader_tokens,
+                    "settings": args.settings}
             started = time.perf_counter()
             run_child({**base, "mode": "sync", "root": str(root), "store": True})
             print(f"stored {len(loaders)} x {args.loader_tokens} tokens in {time.perf_counter() - started:.0f} s", flush=True)
             runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.modes.split(",")}
             for repeat in range(args.repeats):
                 for mode in runs:
-                    dropped = drop_page_cache(*cold)
+                    dropped = 0 if args.warm else drop_page_cache(*cold)
                     where = tempfile.mkdtemp(dir=scratch) if mode == "recompute" else root  # nothing stored
                     result = run_child({**base, "mode": mode, "root": str(where), "store": False})
                     runs[mode].append(result)

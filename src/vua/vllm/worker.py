@@ -190,12 +190,12 @@ class WorkerSide:
         readable = [opened for opened in step.fragments if opened.fragment is not None]
         first = [opened for opened in readable if opened.ends_claim]
         for layer in self._layers:
-            step.by_layer[layer] = [self._readers.submit(self._read_layer, step, opened, layer) for opened in first]
+            step.by_layer[layer] = [self._readers.submit(self._read_layers, step, opened, (layer,)) for opened in first]
         for layer in self._layers:
             self.wait_for_layer_load(layer)
         for layer in self._layers:
             step.by_layer[layer] = [
-                self._readers.submit(self._read_layer, step, opened, layer) for opened in readable if not opened.ends_claim
+                self._readers.submit(self._read_layers, step, opened, (layer,)) for opened in readable if not opened.ends_claim
             ]
 
     def _start_detached(self, step: _LoadBatch, jobs: list[LoadJob]) -> None:
@@ -270,57 +270,68 @@ class WorkerSide:
             return False
         return True
 
-    def _read_layer(self, step: _LoadBatch, opened: _OpenFragment, layer: str) -> None:
-        """Read one layer of one fragment into its blocks. Never raises: a failure marks the fragment,
-        and whatever the failed read put in the paged blocks is zeroed before the layer may run."""
+    def _read_layers(self, step: _LoadBatch, opened: _OpenFragment, layers: Sequence[str]) -> None:
+        """Read some layers of one fragment into their blocks. Never raises: a failure marks the
+        fragment, and whatever the failed read put in the paged blocks is zeroed before a layer may run."""
         if opened.failed:
             return  # another layer of it already failed: its blocks are recomputed anyway
         try:
-            kv = self._layers[layer]
-            via_pinned = kv.is_cuda and not self._gds_verifiable(opened, kv, layer)
-            loaded = self._read_staged(step, opened, layer) if via_pinned else self._read_in_place(opened, layer)
+            via_pinned = any(self._layers[layer].is_cuda and not self._gds_verifiable(opened, self._layers[layer], layer)
+                             for layer in layers)
+            loaded = self._read_staged(step, opened, layers) if via_pinned else self._read_in_place(opened, layers)
         except Exception:  # noqa: BLE001 - a bug here must cost a recompute, not the engine
-            logger.exception("VUA: internal error loading %s (layer %s); the blocks are recomputed", opened.fragment.path, layer)
+            logger.exception("VUA: internal error loading %s (layers %s); the blocks are recomputed",
+                             opened.fragment.path, list(layers))
             self._count(load_internal_errors=1)
             opened.internal_error = True
             loaded = False
         if not loaded:
             opened.failed = True
-            self._scrub(opened, layer)
+            for layer in layers:
+                self._scrub(opened, layer)
         step.finished = max(step.finished, time.monotonic())
 
-    def _read_in_place(self, opened: _OpenFragment, layer: str) -> bool:
-        """Read straight into the paged blocks (host memory, or device memory through GDS); blocks
-        nobody wants (held by vLLM already, or past the claim) go to scratch."""
-        kv = self._layers[layer]
-        ids = opened.block_ids
-        aside = {j: torch.empty_like(kv[0]) for j, b in enumerate(ids) if b == SCRATCH}
-        if kv.is_cuda:
-            targets = [aside[j] if j in aside else kv[b] for j, b in enumerate(ids)]
-        else:
-            targets = [host_bytes(aside[j]) if j in aside else self._host_blocks[layer][b] for j, b in enumerate(ids)]
-        if not self.store.read(opened.fragment, [(layer, targets)], None):
+    def _read_in_place(self, opened: _OpenFragment, layers: Sequence[str]) -> bool:
+        """Read straight into the paged blocks (host memory, or device memory through GDS), in one
+        call for all ``layers``; blocks nobody wants (held by vLLM already, or past the claim) go to scratch."""
+        wanted = []
+        for layer in layers:
+            kv = self._layers[layer]
+            ids = opened.block_ids
+            aside = {j: torch.empty_like(kv[0]) for j, b in enumerate(ids) if b == SCRATCH}
+            if kv.is_cuda:
+                targets = [aside[j] if j in aside else kv[b] for j, b in enumerate(ids)]
+            else:
+                targets = [host_bytes(aside[j]) if j in aside else self._host_blocks[layer][b] for j, b in enumerate(ids)]
+            wanted.append((layer, targets))
+        if not self.store.read(opened.fragment, wanted, None):
             return False
+        kv = self._layers[layers[0]]
         if kv.is_cuda:
             torch.cuda.current_stream(kv.device).synchronize()
         return True
 
     def _load_fragment(self, batch: _LoadBatch, opened: _OpenFragment, layers: dict[str, Future]) -> None:
-        """Open, verify and read one fragment, layer by layer, and close it; completes each layer's
-        future in ``layers`` (if any) once that layer is in the KV cache or has failed. On storage
-        that may hang, each layer is read into staging memory and copied into the KV cache only if
-        the batch was not abandoned meanwhile. Never raises."""
+        """Open, verify and read one fragment, and close it. With ``layers`` (a step's loads, which
+        each attention layer waits for), layer by layer, completing each layer's future once that
+        layer is in the KV cache or has failed; without (an asynchronous load, which nothing waits
+        for layer by layer), every layer in one read: each read ends in a hand-off of Python's
+        lock to this thread, which the engine's own thread then waits for, so fewer is better. On
+        storage that may hang, bytes go through staging memory and are copied into the KV cache
+        only if the batch was not abandoned meanwhile. Never raises."""
         try:
             if self._layers:
                 opened.fragment = self._open(opened.ref)
-            for layer in self._layers:
+            groups = [(layer,) for layer in self._layers] if layers else [tuple(self._layers)]
+            for group in groups:
                 if opened.fragment is not None and not opened.failed:
                     if not self.detached:
-                        self._read_layer(batch, opened, layer)
-                    elif not self._read_staged(batch, opened, layer):
+                        self._read_layers(batch, opened, group)
+                    elif not self._read_staged(batch, opened, group):
                         opened.failed = True
-                if layer in layers:
-                    layers[layer].set_result(None)
+                for layer in group:
+                    if layer in layers:
+                        layers[layer].set_result(None)
                 batch.finished = max(batch.finished, time.monotonic())
         except Exception:  # noqa: BLE001 - a bug here must cost a recompute, not the engine
             logger.exception("VUA: internal error loading %s", opened.ref.digest.hex())
@@ -334,26 +345,30 @@ class WorkerSide:
                 opened.fragment.close()
             opened.done = True
 
-    def _read_staged(self, step: _LoadBatch, opened: _OpenFragment, layer: str) -> bool:
-        """Read and verify one layer in staging memory (pinned on CUDA), then copy what is wanted
-        into the KV cache, unless the step was abandoned meanwhile. False if the read failed.
+    def _read_staged(self, step: _LoadBatch, opened: _OpenFragment, layers: Sequence[str]) -> bool:
+        """Read and verify ``layers`` in staging memory (pinned on CUDA), in one call, then copy what
+        is wanted into the KV cache, unless the step was abandoned meanwhile. False if the read failed.
 
         Used where bytes may not land in the KV cache as they are read: storage that may hang
         (detached loads), and CUDA without GPUDirect Storage."""
         assert opened.fragment is not None
-        kv = self._layers[layer]
-        staging = torch.empty((len(opened.block_ids), *kv.shape[1:]), dtype=kv.dtype, pin_memory=kv.is_cuda)
-        if not self.store.read(opened.fragment, [(layer, [host_bytes(staging)])], None):
+        staged = {}
+        for layer in layers:
+            kv = self._layers[layer]
+            staged[layer] = torch.empty((len(opened.block_ids), *kv.shape[1:]), dtype=kv.dtype, pin_memory=kv.is_cuda)
+        if not self.store.read(opened.fragment, [(layer, [host_bytes(t)]) for layer, t in staged.items()], None):
             return False
         wanted = [j for j, b in enumerate(opened.block_ids) if b != SCRATCH]
         with step.lock:
             if step.abandoned:
                 return True
-            if wanted:
-                destination = torch.tensor([opened.block_ids[j] for j in wanted], device=kv.device)
-                kv.index_copy_(0, destination, staging[wanted].to(kv.device, non_blocking=kv.is_cuda))
-            if kv.is_cuda:
-                torch.cuda.current_stream(kv.device).synchronize()
+            for layer, staging in staged.items():
+                kv = self._layers[layer]
+                if wanted:
+                    destination = torch.tensor([opened.block_ids[j] for j in wanted], device=kv.device)
+                    kv.index_copy_(0, destination, staging[wanted].to(kv.device, non_blocking=kv.is_cuda))
+                if kv.is_cuda:
+                    torch.cuda.current_stream(kv.device).synchronize()
         return True
 
     def _abandon(self, step: _LoadBatch) -> None:
