@@ -671,7 +671,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         contenders.remove("vua-async")
     model = resolve_model(args.model, BENCH_MODEL)
     max_prompt = max(args.prefix_len + args.suffix_len, args.context_len + args.turns * (args.user_len + args.answer_len))
-    options = engine_options(model, max_prompt, max(args.output_len, args.answer_len))
+    # 1.3x: vLLM's front end refuses a text prompt longer than 5 characters per token of
+    # max_model_len before tokenizing it, and the built-in tokenizer's words ("w1234") take about
+    # 5.5 characters each (vllm bench serve sends text).
+    options = engine_options(model, int(max_prompt * 1.3), max(args.output_len, args.answer_len))
     options["enable_prefix_caching"] = True  # every server: the contenders complement vLLM's prefix cache
     # A step's budget holds every running prompt whole: vLLM's ExampleConnector saves a chunked
     # prompt's first chunk under the whole prompt's name, and a later load of it kills the engine
