@@ -54,7 +54,7 @@ def check(root: str, layers: int, blocks: int, repeats: int) -> int:
     identity = StoreIdentity("gpu-check", "BF16", block_shape, block_size, block_size * chunk_blocks)
     settings = ConnectorSettings.from_extra_config(
         {"shared_storage_path": root, "chunk_size": block_size * chunk_blocks, "use_gds": "false"},
-        block_size=block_size, max_num_batched_tokens=2048)
+        block_size=block_size, max_num_batched_tokens=2048, kv_bytes_per_token=2 * layers * 8 * 256)
     namespace = identity.namespace()
     total_blocks = 2 * blocks
     source = {n: torch.randn((total_blocks, *block_shape), device="cuda").to(torch.bfloat16) for n in names}

@@ -5,7 +5,7 @@ gets no answer within ``storage_timeout_s`` (2 s here) and counts as a miss, its
 the background, and it is computed. The client would otherwise wait for the server up to
 GlusterFS's ``network.ping-timeout`` (set to 120 s here): the request finishing well inside that
 shows nothing waited on storage. Once the server is thawed, the store serves again, through
-the loads a filesystem that may hang gets (staging memory and a deadline).
+the loads a filesystem that may hang gets (asynchronous, through staging memory, with a deadline).
 """
 
 from __future__ import annotations
@@ -55,4 +55,6 @@ def test_a_frozen_storage_server_is_a_miss_not_a_stall(slow_to_give_up) -> None:
     assert warm["cached"] == 576  # served again once it answers: P's chunks and tail
     assert_close_output(warm, baseline[0])
     assert served["totals"]["load_errors"] == served["totals"]["load_timeouts"] == 0
+    # On a filesystem that can hang, every load is asynchronous by default: only P's request waited.
+    assert served["scheduler"]["async_loads"] == 1
     print(f"request while the server was frozen: {frozen['seconds']:.1f} s")

@@ -124,7 +124,8 @@ def main() -> None:
         "platform_chose": _PLATFORM_SET,
     }
     print("RESULT " + json.dumps({"results": results, "totals": _totals(llm), "used": used,
-                                  "spec": _spec_counters(llm)}), flush=True)
+                                  "spec": _spec_counters(llm),
+                                  "scheduler": _scheduler_totals(llm)}), flush=True)
 
 
 def _request(prompt, embedding):
@@ -218,6 +219,19 @@ def _totals(llm) -> dict:
     if per_rank:
         totals["ranks"] = len(per_rank)
     return totals
+
+
+def _scheduler_totals(llm) -> dict | None:
+    """The scheduler half's counts since start-up (lookups, hits, asynchronous loads), where the
+    engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the driver's default)."""
+    from vllm.v1.engine.core_client import InprocClient
+
+    client = llm.llm_engine.engine_core
+    if not isinstance(client, InprocClient):
+        return None
+    connector = client.engine_core.scheduler.connector
+    side = getattr(connector, "_scheduler", None)
+    return side.totals.snapshot() if side is not None else None
 
 
 def _spec_counters(llm) -> dict:

@@ -13,8 +13,10 @@ from vua.errors import ConfigError, StoreRootError
 from vua.vllm.settings import ConnectorSettings, RuntimeSwitches, parse_byte_size
 
 
-def parse(extra: dict, block_size: int = 32, max_num_batched_tokens: int = 300) -> ConnectorSettings:
-    return ConnectorSettings.from_extra_config(extra, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens)
+def parse(extra: dict, block_size: int = 32, max_num_batched_tokens: int = 300,
+          kv_bytes_per_token: int = 16 << 10) -> ConnectorSettings:
+    return ConnectorSettings.from_extra_config(extra, block_size=block_size, max_num_batched_tokens=max_num_batched_tokens,
+                                               kv_bytes_per_token=kv_bytes_per_token)
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -25,6 +27,14 @@ def test_defaults(tmp_path: Path) -> None:
     assert (settings.use_gds, settings.backend) == ("auto", "auto")
     assert (settings.io_threads, settings.max_staging_bytes, settings.max_store_size, settings.durable) == (
         4, 2 << 30, None, True)
+
+
+def test_asynchronous_loads_by_claim_length(tmp_path: Path) -> None:
+    # A local disk: claims of 64 MiB of KV or more (tmp_path is on one here; tests/multinode checks
+    # GlusterFS's default of 0). 16 KiB a token: 4096 tokens; 128 KiB a token (Llama-3-8B, bf16): 512.
+    assert parse({"shared_storage_path": str(tmp_path)}).async_load_min_tokens == 4096
+    assert parse({"shared_storage_path": str(tmp_path)}, kv_bytes_per_token=128 << 10).async_load_min_tokens == 512
+    assert parse({"shared_storage_path": str(tmp_path), "async_load_min_tokens": "0"}).async_load_min_tokens == 0
 
 
 def test_chunk_is_at_least_one_block(tmp_path: Path) -> None:
@@ -55,6 +65,8 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
         ({"chunk_size": 100}, ConfigError, "multiple of the KV block size 32"),
         ({"chunk_size": 0}, ConfigError, "chunk_size must be a positive integer"),
         ({"chunk_size": "lots"}, ConfigError, "chunk_size must be a positive integer"),
+        ({"async_load_min_tokens": -1}, ConfigError, "async_load_min_tokens must be an integer of at least 0"),
+        ({"async_load_min_tokens": True}, ConfigError, "async_load_min_tokens must be an integer of at least 0"),
         ({"use_gds": "maybe"}, ConfigError, "use_gds"),
         ({"max_store_size": "200X"}, ConfigError, "max_store_size"),
         ({"max_store_size": 0}, ConfigError, "max_store_size must be positive"),

@@ -43,7 +43,9 @@ def settings(root: Path, **extra) -> ConnectorSettings:
     # Claims reach the last prompt token (recomputing only it when the prompt ends on a block boundary).
     config = {"shared_storage_path": str(root), "chunk_size": CHUNK, "durable": False, "io_threads": 2,
               "claim_whole_blocks": False, "min_recompute_tokens": 1, **extra}
-    return ConnectorSettings.from_extra_config(config, block_size=BLOCK, max_num_batched_tokens=64)
+    kv_bytes_per_token = 2 * len(LAYERS) * BLOCK_SHAPE[0] * BLOCK_SHAPE[2]  # bf16
+    return ConnectorSettings.from_extra_config(config, block_size=BLOCK, max_num_batched_tokens=64,
+                                               kv_bytes_per_token=kv_bytes_per_token)
 
 
 def expected_block(tokens: list[int], block_index: int) -> torch.Tensor:
@@ -70,13 +72,13 @@ class Engine:
         self._free = list(range(NUM_BLOCKS))
         self.errors: set[int] = set()
 
-    def lookup(self, request: Request, local_hit: int = 0) -> int:
+    def lookup(self, request: Request, local_hit: int = 0, expect_async: bool = False) -> int:
         """The connector's claim, asked again while it answers "not yet" (None), as vLLM's scheduler does."""
         deadline = time.monotonic() + 60
         while True:
             hit, is_async = self.scheduler.get_num_new_matched_tokens(request, local_hit)
             if hit is not None:
-                assert is_async is False
+                assert is_async is expect_async
                 return hit
             assert time.monotonic() < deadline, "a deferred lookup never finished"
             time.sleep(0.001)

@@ -191,6 +191,15 @@ def kv_block_size(kv_cache_config: "KVCacheConfig", vllm_config: "VllmConfig") -
     return groups[0].kv_cache_spec.block_size if groups else vllm_config.cache_config.block_size
 
 
+def kv_bytes_per_token(kv_cache_config: "KVCacheConfig") -> int:
+    """KV bytes of one token on this worker, over every layer (0 where vLLM gives no KV cache config)."""
+    groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
+    if not groups:
+        return 0
+    spec = groups[0].kv_cache_spec
+    return spec.page_size_bytes * len(groups[0].layer_names) // spec.block_size
+
+
 def parallel_ranks() -> tuple[int, int]:
     """(tensor-parallel rank, pipeline-parallel rank) of this worker."""
     from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank

@@ -25,6 +25,7 @@ from ._compat import (
     KVConnectorRole,
     init_base,
     kv_block_size,
+    kv_bytes_per_token,
     kv_events_enabled,
     recompute_failed_loads,
     parallel_ranks,
@@ -56,6 +57,7 @@ class VUAStorageConnector_V1(KVConnectorBase_V1):
             vllm_config.kv_transfer_config.kv_connector_extra_config,
             block_size=kv_block_size(kv_cache_config, vllm_config),
             max_num_batched_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+            kv_bytes_per_token=kv_bytes_per_token(kv_cache_config),
         )
         identity = store_identity(vllm_config, kv_cache_config, settings.chunk_size)
         namespace = identity.namespace()
@@ -101,7 +103,8 @@ class VUAStorageConnector_V1(KVConnectorBase_V1):
         return self._scheduler.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: Any) -> None:
-        self._scheduler.update_connector_output(connector_output.invalid_block_ids or set())
+        self._scheduler.update_connector_output(connector_output.invalid_block_ids or set(),
+                                                set(connector_output.finished_recving or ()))
         if self._scheduler.events is not None and connector_output.kv_cache_events:
             self._scheduler.events.published(connector_output.kv_cache_events.get_all_events())
 
@@ -131,7 +134,9 @@ class VUAStorageConnector_V1(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         # Finished sending: requests whose blocks were held for their last saves, copied out now.
-        return self._worker.take_finished() or None, None
+        # Finished receiving: requests whose asynchronous loads have ended (loaded, or failed and
+        # reported with this step's load errors, which vLLM asks for right after this).
+        return self._worker.take_finished() or None, self._worker.take_finished_loads() or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors()

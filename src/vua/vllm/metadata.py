@@ -52,12 +52,17 @@ class LoadJob:
 
     ``claimed_end`` is the position the claim ends at. The fragment whose block it falls inside
     is read before the forward pass, so that vLLM's own writes of the slots it computes land last.
+
+    An ``asynchronous`` load is read in the background while the request waits (vLLM's
+    ``load_kv_async``): the worker reports the request in ``finished_recving`` once every read
+    has ended, and its failed blocks with that same step's load errors.
     """
 
     request_id: str
     fragments: list[FragmentRef]
     block_ids: list[list[int]]
     claimed_end: int
+    asynchronous: bool = False
 
 
 @dataclass

@@ -33,6 +33,8 @@ _COUNTERS = (
      "misses, after which lookups skip the store for a while."),
     ("load_timeouts", "vllm:vua_load_timeouts", "Steps whose loads storage did not finish within storage_timeout_s "
      "(their blocks are recomputed)."),
+    ("async_loads", "vllm:vua_async_loads", "Requests admitted with an asynchronous load: they waited for their KV "
+     "while other requests ran."),
     ("loaded_fragments", "vllm:vua_loaded_fragments", "Fragments loaded from the VUA store."),
     ("loaded_bytes", "vllm:vua_loaded_bytes", "KV bytes loaded from the VUA store."),
     ("load_seconds", "vllm:vua_load_seconds", "Time spent loading, from the start of a step's loads to their last byte."),

@@ -11,7 +11,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -138,6 +138,9 @@ class _Request:
     prompt_tail_done: bool = False  # the prompt's tail is stored or handed to the worker
     claim: list[FragmentRef] = field(default_factory=list)  # the last lookup's result
     claimed_from: int = 0  # the local hit that lookup was asked about
+    claim_async: bool = False  # the claim is loaded asynchronously (long enough)
+    loading_async: bool = False  # allocated for an asynchronous load the worker has not reported finished
+    load_failed: bool = False  # a load of it failed: it is computed from then on, never looked up again
     lookup: Future | None = None  # a lookup still running, or done and not yet answered
     lookup_tokens: int = 0  # the token count it was started for
     lookup_started: float = 0.0  # when (time.monotonic) it was started
@@ -173,6 +176,7 @@ class SchedulerSide:
         self._finishing: list[SaveJob] = []
         self._released: list[str] = []
         self._stats = VUAConnectorStats()
+        self.totals = VUAConnectorStats()  # since start-up, for tests and benchmarks
         self._failures_seen = 0
         # Lookups run here, so that one slower than lookup_budget_ms can be left running while
         # vLLM's scheduler gets on with the step; two threads: a stalled mount should not queue others.
@@ -209,7 +213,7 @@ class SchedulerSide:
         """
         tracked = self._tracked(request)
         now = time.monotonic()
-        if tracked is None or not self.switches.get_enabled or now < self._stalled_until:
+        if tracked is None or tracked.load_failed or not self.switches.get_enabled or now < self._stalled_until:
             return 0, False
         # A request resumed after preemption has generated tokens too; they may be stored.
         tracked.keys.extend(known_token_ids(request))
@@ -222,25 +226,27 @@ class SchedulerSide:
         except FutureTimeout:
             if time.monotonic() - tracked.lookup_started < self.settings.storage_timeout_s:
                 # vLLM keeps the request waiting and asks again at its next step; the lookup goes on.
-                self._stats.add(lookups_deferred=1)
+                self._count(lookups_deferred=1)
                 return None, False
             # Storage has stopped answering: a miss, and the store is left alone for a while, so
             # that requests are computed rather than kept waiting on a hung mount.
             tracked.lookup = None
             self._stalled_until = time.monotonic() + self.settings.storage_timeout_s
-            self._stats.add(lookup_timeouts=1)
+            self._count(lookup_timeouts=1)
             logger.warning("VUA: a lookup got no answer from storage in %.1f s; treating the store as "
                            "unavailable for %.1f s", self.settings.storage_timeout_s, self.settings.storage_timeout_s)
             return 0, False
         tracked.lookup = None
-        self._stats.add_lookup(seconds)
+        self._count_lookup(seconds)
         tracked.claim, tracked.claimed_from = found, num_computed_tokens
         tracked.stored_chunks = sum(1 for f in found if f.head is None)
         tracked.stored_tails = {f.digest for f in found if f.head is not None}
         hit = min(sum(len(f.tokens) for f in found), n_tokens - self.settings.min_recompute_tokens)
         if self.settings.claim_whole_blocks:
             hit = hit // self.block_size * self.block_size
-        return max(0, hit - num_computed_tokens), False
+        new = max(0, hit - num_computed_tokens)
+        tracked.claim_async = new > 0 and new >= self.settings.async_load_min_tokens
+        return new, tracked.claim_async
 
     def _timed_lookup(self, keys: TokenKeys) -> tuple[list[FragmentRef], float]:
         started = time.perf_counter()
@@ -258,7 +264,12 @@ class SchedulerSide:
             return
         block_ids = allocated_block_ids(blocks)
         begin, end = tracked.claimed_from, tracked.claimed_from + num_external_tokens
-        job = LoadJob(request.request_id, [], [], end)
+        job = LoadJob(request.request_id, [], [], end, tracked.claim_async)
+        if tracked.claim_async:
+            # The request is not scheduled until its load has finished, so its blocks are known
+            # from here only: a failed block must be found in them (update_connector_output).
+            tracked.block_ids, tracked.loading_async = block_ids, True
+            self._count(async_loads=1)
         for fragment in tracked.claim:
             first_block = fragment.start // self.block_size
             positions = range(first_block, first_block + fragment.n_blocks)
@@ -352,14 +363,19 @@ class SchedulerSide:
         tracked.saves += len(saves)
         decode = sum(1 for job in saves if job.fragment.start + len(job.fragment.tokens) > tracked.prompt_len)
         if decode:
-            self._stats.add(decode_saves=decode)
+            self._count(decode_saves=decode)
         if self.events is not None:
             for job in saves:
                 self.events.planned(tracked.request, job.fragment, self.store.layout)
 
-    def update_connector_output(self, invalid_block_ids: set[int]) -> None:
+    def update_connector_output(self, invalid_block_ids: set[int], finished_loading: Iterable[str] = ()) -> None:
         """After a step: blocks that failed to load (on any worker) are recomputed by vLLM, so every
-        request holding one saves again from the chunk it lies in."""
+        request holding one saves again from the chunk it lies in. ``finished_loading`` are the
+        requests whose asynchronous loads every worker has finished."""
+        for request_id in finished_loading:
+            tracked = self._requests.get(request_id)
+            if tracked is not None:
+                tracked.loading_async = False
         if not invalid_block_ids:
             return
         self._failures_seen += 1
@@ -369,6 +385,9 @@ class SchedulerSide:
                 # vLLM recomputes from the failed block on: those claimed tokens were not a hit.
                 tracked.hit_tokens = max(0, min(tracked.hit_tokens, first * self.block_size - tracked.claimed_from))
                 tracked.rewind(first // self.cb)
+                # vLLM asks again for a request whose asynchronous load failed from its first
+                # block; storage that keeps failing it (a read that hangs) must not make it wait again.
+                tracked.load_failed = True
                 logger.info("VUA: request %s: KV from block %d on failed to load; it is recomputed and saved again",
                             request_id, first)
 
@@ -389,9 +408,10 @@ class SchedulerSide:
             return False, None
         if tracked.admitted:
             # Once, at the end: a resumed request is one request, and a failed load has taken back its tokens.
-            self._stats.add(requests=1, prompt_tokens=tracked.prompt_len, hit_tokens=tracked.hit_tokens)
+            self._count(requests=1, prompt_tokens=tracked.prompt_len, hit_tokens=tracked.hit_tokens)
         saves: list[SaveJob] = []
-        if self.settings.save_decode and self.switches.put_enabled:
+        # While an asynchronous load is still running, the request's blocks hold nothing to save yet.
+        if self.settings.save_decode and self.switches.put_enabled and not tracked.loading_async:
             # ``block_ids`` are the blocks of the computed tokens now (fewer after a preemption).
             tracked.block_ids = list(block_ids)
             ready = min(request.num_computed_tokens, len(known_token_ids(request)), len(block_ids) * self.block_size)
@@ -413,6 +433,14 @@ class SchedulerSide:
         self._finishing += saves
         self._released.append(request.request_id)
         return True, None
+
+    def _count(self, **counts: float) -> None:
+        self._stats.add(**counts)
+        self.totals.add(**counts)
+
+    def _count_lookup(self, seconds: float) -> None:
+        self._stats.add_lookup(seconds)
+        self.totals.add_lookup(seconds)
 
     def take_stats(self) -> VUAConnectorStats | None:
         if self._stats.is_empty():

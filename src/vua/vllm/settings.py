@@ -25,6 +25,16 @@ Every key, its default and why:
     Each attention layer waits only for its own layer's reads, so loading overlaps the forward
     pass. vLLM then runs attention outside CUDA graphs (piecewise graphs), since the wait must
     run. False loads everything before the forward pass and leaves full CUDA graphs alone.
+``async_load_min_tokens`` (default: 0 on a filesystem that can hang, else the tokens whose KV is
+:data:`ASYNC_LOAD_MIN_BYTES` per worker)
+    Claims of at least this many tokens load asynchronously (vLLM's ``load_kv_async``): the
+    request waits while its fragments are read in the background, and every other request keeps
+    running its steps, so decoding requests never wait on a long load or on a slow mount. Shorter
+    claims load in the step that computes the rest of the prompt, layer by layer (above), which
+    answers sooner: an asynchronous load costs its request up to two engine steps of waiting on
+    top of the reads, where a short load in the step costs the running requests a few ms.
+    0 makes every load asynchronous; a number above the longest prompt, none. Measured in
+    doc/benchmarks.md ("Asynchronous loads").
 ``min_recompute_tokens`` (default 1)
     Prompt tokens always computed rather than loaded, at least 1 (vLLM needs the last one's
     logits). A claim may then end inside its last block, as vLLM's own offloading tier does: that
@@ -74,9 +84,15 @@ from typing import Any, Literal, Mapping
 
 from ..errors import ConfigError, StoreRootError
 from ..layout import check_root
+from ..mounts import may_hang
 from ..sizes import parse_byte_count
 
-__all__ = ["ConnectorSettings", "RuntimeSwitches", "parse_byte_size", "parse_bool", "DISABLE_GET", "DISABLE_PUT"]
+__all__ = ["ASYNC_LOAD_MIN_BYTES", "ConnectorSettings", "RuntimeSwitches", "parse_byte_size", "parse_bool", "DISABLE_GET", "DISABLE_PUT"]
+
+# On a local disk, loads of more KV than this (per worker) are asynchronous: read in the step, they
+# would stall every running request by more than a decode step or two (doc/benchmarks.md,
+# "Asynchronous loads").
+ASYNC_LOAD_MIN_BYTES = 64 << 20
 
 DISABLE_GET = "disable-get"
 DISABLE_PUT = "disable-put"
@@ -95,6 +111,7 @@ _KNOWN_KEYS = {
     "save_decode",
     "lookup_budget_ms",
     "storage_timeout_s",
+    "async_load_min_tokens",
 }
 
 
@@ -132,16 +149,21 @@ def _parse_positive_seconds(value: Any, key: str) -> float:
     return seconds
 
 
-def _parse_positive_int(value: Any, key: str) -> int:
+def _parse_count(value: Any, key: str, least: int = 0) -> int:
+    kind = "a positive integer" if least == 1 else f"an integer of at least {least}"
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{key} must be {kind}, got {value!r}")
     try:
         number = int(value)
     except ValueError:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}") from None
-    if number <= 0:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{key} must be {kind}, got {value!r}") from None
+    if number < least:
+        raise ConfigError(f"{key} must be {kind}, got {value!r}")
     return number
+
+
+def _parse_positive_int(value: Any, key: str) -> int:
+    return _parse_count(value, key, least=1)
 
 
 @dataclass(frozen=True)
@@ -160,6 +182,7 @@ class ConnectorSettings:
     save_decode: bool = True
     lookup_budget_ms: int = 20
     storage_timeout_s: float = 10.0
+    async_load_min_tokens: int = 0
 
     @property
     def blocks_per_chunk(self) -> int:
@@ -172,9 +195,11 @@ class ConnectorSettings:
 
     @classmethod
     def from_extra_config(
-        cls, extra: Mapping[str, Any] | None, *, block_size: int, max_num_batched_tokens: int
+        cls, extra: Mapping[str, Any] | None, *, block_size: int, max_num_batched_tokens: int, kv_bytes_per_token: int
     ) -> "ConnectorSettings":
-        """Validate ``kv_connector_extra_config``; raises :class:`ConfigError` or :class:`StoreRootError` naming the key."""
+        """Validate ``kv_connector_extra_config``; raises :class:`ConfigError` or :class:`StoreRootError` naming the key.
+
+        ``kv_bytes_per_token`` is the KV of one token on one worker (all its layers)."""
         extra = dict(extra or {})
         unknown = sorted(set(extra) - _KNOWN_KEYS)
         if unknown:
@@ -204,6 +229,10 @@ class ConnectorSettings:
         if use_gds not in ("auto", "true", "false"):
             raise ConfigError(f"use_gds must be 'auto', true or false, got {extra['use_gds']!r}")
         max_store = extra.get("max_store_size")
+        if "async_load_min_tokens" in extra:
+            async_min = _parse_count(extra["async_load_min_tokens"], "async_load_min_tokens")
+        else:
+            async_min = 0 if may_hang(root) else -(-ASYNC_LOAD_MIN_BYTES // max(1, kv_bytes_per_token))
         return cls(
             root=root,
             block_size=block_size,
@@ -219,6 +248,7 @@ class ConnectorSettings:
             save_decode=parse_bool(extra.get("save_decode", True), "save_decode"),
             lookup_budget_ms=_parse_positive_int(extra.get("lookup_budget_ms", 20), "lookup_budget_ms"),
             storage_timeout_s=_parse_positive_seconds(extra.get("storage_timeout_s", 10), "storage_timeout_s"),
+            async_load_min_tokens=async_min,
         )
 
 

@@ -26,6 +26,7 @@ COUNTERS = (
     "lookups",  # store lookups run (a prompt deferred and asked again is looked up once)
     "lookups_deferred",  # answers "ask again later": the lookup ran past lookup_budget_ms
     "lookup_timeouts",  # lookups storage did not answer within storage_timeout_s (misses; the store rests)
+    "async_loads",  # requests admitted with an asynchronous load (they waited for it while others ran)
     "loaded_fragments",
     "loaded_bytes",
     "load_seconds",  # wall time from the start of a step's loads to the last byte

@@ -7,6 +7,10 @@ kvikio into GPU memory). Without GPUDirect Storage on CUDA, bytes land in a pinn
 and are copied up. Reads run per (layer, fragment) on a thread pool in layer order, and each
 attention layer waits only for its own layer.
 
+A long claim loads asynchronously instead (vLLM's ``load_kv_async``): its request waits while
+one task per fragment reads every layer in the background, and is reported finished receiving
+once all of them have ended; meanwhile other requests' steps run, untouched by those reads.
+
 Saves copy the computed blocks out of the KV cache (``index_select``) when the forward pass has
 finished, then write in the background; staging memory is bounded and a save that does not fit
 is skipped, never waited for. Every storage fault is a miss or a skipped save plus a log line;
@@ -16,6 +20,7 @@ blocks that failed to load are reported so that vLLM recomputes them.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,19 +58,29 @@ class _OpenFragment:
     ends_claim: bool = False  # holds the block the claim ends inside: read before the forward pass
     failed: bool = False
     internal_error: bool = False  # failed by a bug of ours, not by storage
-    done: bool = False  # a detached load finished (it closes its own file)
+    done: bool = False  # its task (detached or asynchronous loads) finished and closed the file
 
 
 @dataclass
-class _StepLoads:
+class _LoadBatch:
+    """The fragments of one step's loads, or of one request's asynchronous load."""
+
     started: float
     finished: float = 0.0  # when the last read ended
     fragments: list[_OpenFragment] = field(default_factory=list)
     by_layer: dict[str, list[Future]] = field(default_factory=dict)
-    failed_blocks: set[int] = field(default_factory=set)
-    deadline: float | None = None  # detached loads: when a wait gives up on storage that hangs
+    tasks_own_files: bool = False  # one task per fragment opens and closes it (detached and asynchronous loads)
+    deadline: float | None = None  # on storage that may hang: when a wait gives up on it
     abandoned: bool = False  # a wait gave up: no late read may touch the KV cache any more
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _yield_cpu() -> None:
+    """Lower this thread's CPU priority: asynchronous loads must not take cores from the steps."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except OSError:
+        pass
 
 
 class WorkerSide:
@@ -80,9 +95,14 @@ class WorkerSide:
         self._layers: dict[str, torch.Tensor] = {}
         self._host_blocks: dict[str, Any] = {}  # layer -> numpy [num_blocks, block_bytes] over the KV tensor
         self._readers = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="vua-load")
+        # Apart from the step's readers, so that a long asynchronous load never queues ahead of a
+        # step's reads, which the forward pass waits for.
+        self._async_readers = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="vua-load-async",
+                                                 initializer=_yield_cpu)
+        self._async: dict[str, _LoadBatch] = {}  # request id -> its asynchronous load
         self._writers = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="vua-save")
         self._lock = threading.Lock()
-        self._step: _StepLoads | None = None
+        self._step: _LoadBatch | None = None
         self._load_errors: set[int] = set()
         self._reports = 0  # calls of take_load_errors that reported failed blocks
         self._poisoned: list[tuple[int, set[int]]] = []  # (report number, blocks) not yet seen by the scheduler
@@ -139,13 +159,18 @@ class WorkerSide:
     # ---- loads ----
 
     def start_load(self, jobs: list[LoadJob]) -> None:
-        """Open every fragment of this step (verifying headers and token ids) and queue its layer
-        reads, first layer first. A fragment holding the block a claim ends inside is read before
-        this returns, so before the forward pass: vLLM then writes the slots it computes over the
-        loaded block, never the other way round."""
+        """Start the asynchronous loads in the background; open every fragment of this step's other
+        loads (verifying headers and token ids) and queue its layer reads, first layer first. A
+        fragment holding the block a claim ends inside is read before this returns, so before the
+        forward pass: vLLM then writes the slots it computes over the loaded block, never the
+        other way round."""
+        for job in jobs:
+            if job.asynchronous:
+                self._start_async(job)
+        jobs = [job for job in jobs if not job.asynchronous]
         if not jobs:
             return
-        step = self._step = _StepLoads(time.monotonic())
+        step = self._step = _LoadBatch(time.monotonic())
         if self.detached:
             self._start_detached(step, jobs)
         else:
@@ -154,7 +179,7 @@ class WorkerSide:
             for layer in self._layers:
                 self.wait_for_layer_load(layer)
 
-    def _start_in_place(self, step: _StepLoads, jobs: list[LoadJob]) -> None:
+    def _start_in_place(self, step: _LoadBatch, jobs: list[LoadJob]) -> None:
         for job in jobs:
             broken = not self._layers
             for ref, ids in zip(job.fragments, job.block_ids):
@@ -173,10 +198,11 @@ class WorkerSide:
                 self._readers.submit(self._read_layer, step, opened, layer) for opened in readable if not opened.ends_claim
             ]
 
-    def _start_detached(self, step: _StepLoads, jobs: list[LoadJob]) -> None:
+    def _start_detached(self, step: _LoadBatch, jobs: list[LoadJob]) -> None:
         """One task per fragment opens it and reads it layer by layer into staging memory; each
         layer's future completes when that layer is in the KV cache (or has failed)."""
         step.deadline = step.started + self.settings.storage_timeout_s
+        step.tasks_own_files = True
         tasks = []
         for job in jobs:
             for ref, ids in zip(job.fragments, job.block_ids):
@@ -187,11 +213,39 @@ class WorkerSide:
         for layer in self._layers:
             step.by_layer[layer] = [layers[layer] for opened, layers in tasks if opened.ends_claim]
         for opened, layers in tasks:
-            self._readers.submit(self._load_detached, step, opened, layers)
+            self._readers.submit(self._load_fragment, step, opened, layers)
         for layer in self._layers:
             self.wait_for_layer_load(layer)
         for layer in self._layers:
             step.by_layer[layer] = [layers[layer] for opened, layers in tasks if not opened.ends_claim]
+
+    def _start_async(self, job: LoadJob) -> None:
+        """One task per fragment, off the step's path; the request is reported finished receiving
+        by :meth:`take_finished_loads` once they have all ended (or storage that may hang has
+        kept them past ``storage_timeout_s``)."""
+        batch = self._async[job.request_id] = _LoadBatch(time.monotonic(), tasks_own_files=True)
+        if self.detached:
+            batch.deadline = batch.started + self.settings.storage_timeout_s
+        for ref, ids in zip(job.fragments, job.block_ids):
+            opened = _OpenFragment(job.request_id, ref, ids, None)
+            batch.fragments.append(opened)
+            self._async_readers.submit(self._load_fragment, batch, opened, {})
+
+    def take_finished_loads(self) -> set[str]:
+        """Requests whose asynchronous loads have ended (vLLM's ``finished_recving``). Their failed
+        blocks go to the load errors vLLM asks for next in the same step, as it requires; no other
+        rank needs to agree, since vLLM waits for every worker's report and unites their errors."""
+        finished = set()
+        now = time.monotonic()
+        for request_id, batch in list(self._async.items()):
+            if not all(opened.done for opened in batch.fragments):
+                if batch.deadline is None or now < batch.deadline:
+                    continue
+                self._abandon(batch)
+            del self._async[request_id]
+            self._settle(batch, [opened.fragment is None or opened.failed for opened in batch.fragments])
+            finished.add(request_id)
+        return finished
 
     def _ends_claim(self, ref: FragmentRef, job: LoadJob) -> bool:
         return ref.start < job.claimed_end < ref.start + ref.n_blocks * self.identity.block_size
@@ -216,7 +270,7 @@ class WorkerSide:
             return False
         return True
 
-    def _read_layer(self, step: _StepLoads, opened: _OpenFragment, layer: str) -> None:
+    def _read_layer(self, step: _LoadBatch, opened: _OpenFragment, layer: str) -> None:
         """Read one layer of one fragment into its blocks. Never raises: a failure marks the fragment,
         and whatever the failed read put in the paged blocks is zeroed before the layer may run."""
         if opened.failed:
@@ -251,17 +305,23 @@ class WorkerSide:
             torch.cuda.current_stream(kv.device).synchronize()
         return True
 
-    def _load_detached(self, step: _StepLoads, opened: _OpenFragment, layers: dict[str, Future]) -> None:
-        """Open, verify and read one fragment into staging memory, then copy each verified layer
-        into the KV cache unless the step was abandoned meanwhile. Never raises."""
+    def _load_fragment(self, batch: _LoadBatch, opened: _OpenFragment, layers: dict[str, Future]) -> None:
+        """Open, verify and read one fragment, layer by layer, and close it; completes each layer's
+        future in ``layers`` (if any) once that layer is in the KV cache or has failed. On storage
+        that may hang, each layer is read into staging memory and copied into the KV cache only if
+        the batch was not abandoned meanwhile. Never raises."""
         try:
             if self._layers:
                 opened.fragment = self._open(opened.ref)
-            for layer, future in layers.items():
-                if opened.fragment is not None and not opened.failed and not self._read_staged(step, opened, layer):
-                    opened.failed = True
-                future.set_result(None)
-                step.finished = max(step.finished, time.monotonic())
+            for layer in self._layers:
+                if opened.fragment is not None and not opened.failed:
+                    if not self.detached:
+                        self._read_layer(batch, opened, layer)
+                    elif not self._read_staged(batch, opened, layer):
+                        opened.failed = True
+                if layer in layers:
+                    layers[layer].set_result(None)
+                batch.finished = max(batch.finished, time.monotonic())
         except Exception:  # noqa: BLE001 - a bug here must cost a recompute, not the engine
             logger.exception("VUA: internal error loading %s", opened.ref.digest.hex())
             self._count(load_internal_errors=1)
@@ -274,7 +334,7 @@ class WorkerSide:
                 opened.fragment.close()
             opened.done = True
 
-    def _read_staged(self, step: _StepLoads, opened: _OpenFragment, layer: str) -> bool:
+    def _read_staged(self, step: _LoadBatch, opened: _OpenFragment, layer: str) -> bool:
         """Read and verify one layer in staging memory (pinned on CUDA), then copy what is wanted
         into the KV cache, unless the step was abandoned meanwhile. False if the read failed.
 
@@ -296,7 +356,7 @@ class WorkerSide:
                 torch.cuda.current_stream(kv.device).synchronize()
         return True
 
-    def _abandon(self, step: _StepLoads) -> None:
+    def _abandon(self, step: _LoadBatch) -> None:
         """Storage did not answer in time: every fragment still loading fails, and nothing it reads
         later reaches the KV cache (the copy into it and this flag share the step's lock)."""
         with step.lock:
@@ -344,12 +404,16 @@ class WorkerSide:
             self.wait_for_layer_load(layer)
         self._step = None
         failed_here = [opened.fragment is None or opened.failed for opened in step.fragments]
-        failed = any_rank_failed(failed_here) if agree else failed_here
+        self._settle(step, any_rank_failed(failed_here) if agree else failed_here)
+
+    def _settle(self, step: _LoadBatch, failed: list[bool]) -> None:
+        """Close the files, count, and record the blocks of the ``failed`` fragments as load errors."""
+        failed_here = [opened.fragment is None or opened.failed for opened in step.fragments]
         failed_blocks: set[int] = set()
         loaded_bytes = 0
         per_request: dict[str, int] = {}
         for opened, bad in zip(step.fragments, failed):
-            if opened.fragment is not None and not self.detached:  # a detached load closes its own
+            if opened.fragment is not None and not step.tasks_own_files:
                 opened.fragment.close()
             if bad:
                 failed_blocks.update(b for b in opened.block_ids if b != SCRATCH)
@@ -515,3 +579,4 @@ class WorkerSide:
         self._finish_loads(agree=False)  # the other ranks may already be gone
         self._writers.shutdown(wait=True)
         self._readers.shutdown(wait=True)
+        self._async_readers.shutdown(wait=True)
