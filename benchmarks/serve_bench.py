@@ -521,8 +521,9 @@ def markdown(records: list[dict[str, Any]]) -> str:
                 f"**{'local disk' if storage == 'local' else 'GlusterFS, 1 ms per brick operation, B on the second mount'}, "
                 f"{workload}** (medians of {reps} repetition{'s' if reps > 1 else ''}):",
                 "",
-                "| contender | round | mean TTFT | p99 TTFT | p99 ITL | output tok/s | tokens reused (prefix cache + connector) of prompt tokens |",
-                "|---|---|---:|---:|---:|---:|---|",
+                "| contender | round | mean TTFT | p99 TTFT | p99 ITL | output tok/s | tokens reused (prefix cache + connector) of prompt tokens "
+                "| mean TTFT of each run | load average |",
+                "|---|---|---:|---:|---:|---:|---|---|---|",
             ]
             for contender in CONTENDERS:
                 for round_name in ROUNDS:
@@ -535,7 +536,9 @@ def markdown(records: list[dict[str, Any]]) -> str:
                         f"| {LABELS[contender]} | {'A: save' if round_name == 'save' else 'B: after restart'} | "
                         f"{_ms(cell['mean_ttft_ms'])} | {_ms(cell['p99_ttft_ms'])} | {_ms(cell['p99_itl_ms'])} | "
                         f"{cell['output_tok_s']:.1f} | {reused:.0f} = {cell['prefix_cache']:.0f} + {cell['connector']:.0f} "
-                        f"of {cell['prompt_tokens']:.0f}{share} |"
+                        f"of {cell['prompt_tokens']:.0f}{share} | "
+                        + ", ".join(f"{row['mean_ttft_ms']:.0f}" for row in cell["rows"]) + " | "
+                        + ", ".join(f"{row['load_before']:.1f}" for row in cell["rows"]) + " |"
                     )
             lines.append("")
     lines += goals(cells)
