@@ -4,7 +4,8 @@
     python doc/make_figures.py            # writes static/architecture.png
 
 The benchmark plot, static/bench-ttft.png, is written by ``vua bench`` (bench.png in its --out
-directory) and copied there.
+directory) and copied there; static/serve-bench.png is written by benchmarks/serve_bench.py
+(serve.png in its --out directory) and copied there.
 """
 
 from __future__ import annotations

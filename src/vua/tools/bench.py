@@ -45,7 +45,7 @@ from .engine_runner import (
 )
 from .tinymodel import TinyLlamaSpec
 
-__all__ = ["main", "add_arguments", "run", "BENCH_MODEL", "SYSTEMS"]
+__all__ = ["main", "add_arguments", "run", "BENCH_MODEL", "SYSTEMS", "FS_TIER_CPU_BYTES", "machine_description"]
 
 # 8 layers of width 512: a 3K-token prefill costs about a second on two cores.
 BENCH_MODEL = TinyLlamaSpec(layers=8, hidden=512, heads=8, kv_heads=8, intermediate=1536)
@@ -58,7 +58,7 @@ _LABELS = {
 }
 # vLLM's fs tier keeps a CPU primary tier (a /dev/shm region) in front of the files; each engine
 # gets this much, enough for the longest prompt's warm-up plus its 3 prompts.
-_FS_TIER_CPU_BYTES = 2 << 30
+FS_TIER_CPU_BYTES = 2 << 30
 _MAX_TOKENS = 4
 # vLLM's processes busy-poll their shared-memory queues for 1 s after the last message before
 # they sleep; on a small machine that would steal the cores of the next engine's request.
@@ -239,7 +239,7 @@ def _plot(cells: list[Cell], lengths: Sequence[int], path: Path, title: str) -> 
     plt.close(figure)
 
 
-def _machine() -> str:
+def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -375,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
     connectors = {
         "recompute": None,
         "example": example_connector(root / "example"),
-        "fs-tier": fs_tier_connector(str(root / "fs-tier"), _FS_TIER_CPU_BYTES),
+        "fs-tier": fs_tier_connector(str(root / "fs-tier"), FS_TIER_CPU_BYTES),
         "vua": vua_connector(
             root / "vua", args.chunk_size, **({"claim_whole_blocks": True} if args.whole_block_claims else {})
         ),
@@ -402,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
             cells.append(cell)
     bytes_per_token = kv_bytes_per_token(model, options["dtype"])
     header = (
-        f"Model {Path(model).name}, {options['dtype']} ({bytes_per_token // 1024} KiB of KV per token); {_machine()}; "
+        f"Model {Path(model).name}, {options['dtype']} ({bytes_per_token // 1024} KiB of KV per token); {machine_description()}; "
         f"{args.requests} requests per length, medians; VUA chunk_size {args.chunk_size}"
         f"{', whole-block claims' if args.whole_block_claims else ', claims up to the last prompt token'}; "
         f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after; total {time.perf_counter() - began:.0f} s."
