@@ -41,8 +41,10 @@ def identity(model: str = "tiny", **changes) -> StoreIdentity:
 
 def settings(root: Path, **extra) -> ConnectorSettings:
     # Claims reach the last prompt token (recomputing only it when the prompt ends on a block boundary).
+    # Loads are in the step (vLLM's synchronous path) on any filesystem, GlusterFS included, unless a
+    # test asks for asynchronous ones (tests/vllm/test_vllm_async_loads.py).
     config = {"shared_storage_path": str(root), "chunk_size": CHUNK, "durable": False, "io_threads": 2,
-              "claim_whole_blocks": False, "min_recompute_tokens": 1, **extra}
+              "claim_whole_blocks": False, "min_recompute_tokens": 1, "async_load_min_tokens": 1 << 30, **extra}
     kv_bytes_per_token = 2 * len(LAYERS) * BLOCK_SHAPE[0] * BLOCK_SHAPE[2]  # bf16
     return ConnectorSettings.from_extra_config(config, block_size=BLOCK, max_num_batched_tokens=64,
                                                kv_bytes_per_token=kv_bytes_per_token)
