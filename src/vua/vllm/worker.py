@@ -74,6 +74,10 @@ class _LoadBatch:
     abandoned: bool = False  # a wait gave up: no late read may touch the KV cache any more
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def failed_here(self) -> list[bool]:
+        """Per fragment: whether it failed on this worker (missing, unreadable, or after such a piece)."""
+        return [opened.fragment is None or opened.failed for opened in self.fragments]
+
 
 def _yield_cpu() -> None:
     """Lower this thread's CPU priority: asynchronous loads must not take cores from the steps."""
@@ -243,7 +247,7 @@ class WorkerSide:
                     continue
                 self._abandon(batch)
             del self._async[request_id]
-            self._settle(batch, [opened.fragment is None or opened.failed for opened in batch.fragments])
+            self._settle(batch, batch.failed_here())
             finished.add(request_id)
         return finished
 
@@ -418,12 +422,12 @@ class WorkerSide:
         for layer in list(step.by_layer):
             self.wait_for_layer_load(layer)
         self._step = None
-        failed_here = [opened.fragment is None or opened.failed for opened in step.fragments]
+        failed_here = step.failed_here()
         self._settle(step, any_rank_failed(failed_here) if agree else failed_here)
 
     def _settle(self, step: _LoadBatch, failed: list[bool]) -> None:
         """Close the files, count, and record the blocks of the ``failed`` fragments as load errors."""
-        failed_here = [opened.fragment is None or opened.failed for opened in step.fragments]
+        failed_here = step.failed_here()
         failed_blocks: set[int] = set()
         loaded_bytes = 0
         per_request: dict[str, int] = {}
